@@ -1,0 +1,3 @@
+from chattune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""The run configuration: small nested dataclasses, one schema for YAML files and command-line flags.
+
+Precedence: dataclass defaults < YAML file (--config) < command-line flags. Every value is
+validated here, at the boundary, and errors name the field (`train.lr`). The resolved config is
+written to each run's output directory; it holds no secrets (tokens come from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chattune.errors import ConfigError
+
+CONFIG_FILENAME = "chattune.yaml"
+
+
+def opt(default: Any = None, help: str = "", flag: str | None = None, choices: tuple | None = None, **kw):
+    """A config field; `flag` makes it a command-line option too (same name, same parsing)."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if callable(default) and not isinstance(default, (str, int, float, bool)):
+        return field(default_factory=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("gpt2", "hub id or local directory of a causal language model", flag="--model")
+    revision: str | None = opt(None, "hub revision (branch, tag or commit)", flag="--model-revision")
+    trust_remote_code: bool = opt(False, "run modelling code shipped with the model (off unless you trust it)",
+                                  flag="--trust-remote-code")
+    chat_template: str | None = opt(None, "a .jinja file to use as chat template instead of the model's own",
+                                    flag="--chat-template")
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = opt(None, "hub id, local directory laid out like a hub data set, or a "
+                                    ".json/.jsonl/.parquet/.csv file", flag="--dataset")
+    config_name: str | None = opt(None, "the data set's configuration (subset) name", flag="--dataset-config")
+    revision: str | None = opt(None, "hub revision of the data set", flag="--dataset-revision")
+    train_split: str = opt("train", "split to train on", flag="--train-split")
+    eval_split: str | None = opt(None, "split to evaluate on (none: no evaluation unless --eval-fraction)",
+                                 flag="--eval-split")
+    eval_fraction: float = opt(0.0, "hold out this fraction of the training rows for evaluation when there "
+                                    "is no eval split", flag="--eval-fraction")
+    format: str = opt("auto", "data format; auto detects it from the columns", flag="--format",
+                      choices=("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"))
+    columns: dict = opt(dict, "column renames {format_column: your_column}, e.g. {messages: dialog}")
+    max_length: int | None = opt(None, "truncate conversations to this many tokens "
+                                       "(default: the model's context)", flag="--max-length")
+    max_train_samples: int | None = opt(None, "use at most this many training conversations",
+                                        flag="--max-train-samples")
+    max_eval_samples: int | None = opt(None, "use at most this many evaluation conversations",
+                                       flag="--max-eval-samples")
+    skip_invalid: bool = opt(False, "train on the valid rows and write the rest to rejected.jsonl "
+                                    "instead of stopping", flag="--skip-invalid")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("out", "where the model, checkpoints, metrics and config go", flag="--output-dir")
+    epochs: float = opt(1.0, "passes over the training data", flag="--epochs")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)",
+                                flag="--max-steps")
+    batch_size: int = opt(4, "conversations per device per forward pass", flag="--batch-size")
+    eval_batch_size: int | None = opt(None, "evaluation batch size (default: --batch-size)",
+                                      flag="--eval-batch-size")
+    grad_accum: int = opt(1, "forward passes per optimizer step", flag="--grad-accum")
+    lr: float = opt(2e-5, "peak learning rate", flag="--lr")
+    lr_scheduler: str = opt("cosine", "learning-rate schedule", flag="--lr-scheduler",
+                            choices=("cosine", "linear", "constant", "constant_with_warmup"))
+    warmup: float = opt(0.0, "warm-up: a fraction of the steps if below 1, else a number of steps",
+                        flag="--warmup")
+    weight_decay: float = opt(0.0, "AdamW weight decay", flag="--weight-decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", flag="--max-grad-norm")
+    seed: int = opt(42, "random seed for initialisation, data order and dropout", flag="--seed")
+    precision: str = opt("auto", "auto: bf16 on CUDA where supported, else fp16; fp32 on CPU and MPS",
+                         flag="--precision", choices=("auto", "fp32", "fp16", "bf16"))
+    logging_steps: int = opt(10, "log training metrics every N optimizer steps", flag="--logging-steps")
+    eval_steps: int | None = opt(None, "evaluate every N steps (default: at the end of each epoch)",
+                                 flag="--eval-steps")
+    save_steps: int | None = opt(None, "save a checkpoint every N steps (default: at the end of each epoch)",
+                                 flag="--save-steps")
+    save_total_limit: int | None = opt(2, "keep at most this many checkpoints", flag="--save-total-limit")
+    resume: bool | str = opt(False, "continue from the newest checkpoint in --output-dir, or from a given "
+                                    "checkpoint directory", flag="--resume")
+    group_by_length: bool = opt(True, "batch conversations of similar length together (less padding, faster; "
+                                      "batches become less random)", flag="--group-by-length")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory",
+                                       flag="--gradient-checkpointing")
+    num_workers: int = opt(0, "data-loader worker processes", flag="--num-workers")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        return path
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _fields(section_cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or say which field is wrong."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            inner = (typing.get_args(tp) or (Any,))[0]
+            return [v if inner is Any else _coerce(v, inner, where) for v in value]
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    return value
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    return ConfigError(f"{where}: unknown setting '{key}'{hint}")
+
+
+def apply_values(cfg: Config, values: dict, source: str) -> Config:
+    """Set nested values {section: {field: value}} on cfg, coercing types; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(values).__name__}")
+    for section, entries in values.items():
+        if section not in SECTIONS:
+            raise _unknown(section, list(SECTIONS), source)
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {entries!r}")
+        target = getattr(cfg, section)
+        fields = _fields(SECTIONS[section])
+        for key, value in entries.items():
+            if key not in fields:
+                raise _unknown(key, list(fields), f"{source}: {section}")
+            f, tp = fields[key]
+            setattr(target, key, _coerce(value, tp, f"{section}.{key}"))
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping with sections {', '.join(SECTIONS)}")
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    """Range and consistency checks; each error names its field."""
+    t, d = cfg.train, cfg.data
+    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.logging_steps": t.logging_steps}
+    for name, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{name} must be at least 1, got {v}")
+    for name, v in {"train.max_steps": t.max_steps, "train.eval_steps": t.eval_steps, "train.save_steps": t.save_steps,
+                    "train.eval_batch_size": t.eval_batch_size, "data.max_length": d.max_length,
+                    "data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
+                    "train.save_total_limit": t.save_total_limit}.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"{name} must be at least 1 (or unset), got {v}")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if t.epochs <= 0 and t.max_steps is None:
+        raise ConfigError(f"train.epochs must be positive, got {t.epochs}")
+    if t.warmup < 0:
+        raise ConfigError(f"train.warmup must be >= 0, got {t.warmup}")
+    if t.warmup >= 1 and not float(t.warmup).is_integer():
+        raise ConfigError(f"train.warmup: {t.warmup} is neither a fraction below 1 nor a whole number of steps")
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    if t.weight_decay < 0 or t.max_grad_norm < 0:
+        raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
+    if t.num_workers < 0:
+        raise ConfigError(f"train.num_workers must be >= 0, got {t.num_workers}")
+    for section in SECTIONS:
+        for name, (f, _) in _fields(SECTIONS[section]).items():
+            choices = f.metadata.get("choices")
+            value = getattr(getattr(cfg, section), name)
+            if choices and value not in choices:
+                raise ConfigError(f"{section}.{name} must be one of {', '.join(choices)}; got {value!r}")
+    if not cfg.model.name:
+        raise ConfigError("model.name is empty: give --model (a hub id or a local directory)")
+    return cfg
+
+
+# ---- command line: flags are generated from the same fields --------------------------------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config; command-line flags override it")
+    for section in sections:
+        group = parser.add_argument_group(f"{section} options")
+        for name, (f, tp) in _fields(SECTIONS[section]).items():
+            flag = f.metadata.get("flag")
+            if not flag:
+                continue
+            dest = f"{section}.{name}"
+            default_txt = f.default if f.default is not dataclasses.MISSING else None
+            help_txt = f.metadata["help"] + (f" (default: {default_txt})" if default_txt not in (None, False) else "")
+            if tp is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_txt)
+            elif name == "resume":
+                group.add_argument(flag, dest=dest, nargs="?", const=True, default=argparse.SUPPRESS,
+                                   metavar="CHECKPOINT", help=help_txt)
+            else:
+                group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=name.upper(),
+                                   choices=f.metadata.get("choices"), help=help_txt)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    cfg = Config()
+    if getattr(args, "config", None):
+        apply_values(cfg, load_yaml(args.config), str(args.config))
+    overrides: dict[str, dict] = {}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            overrides.setdefault(section, {})[name] = value
+    apply_values(cfg, overrides, "command line")
+    return validate(cfg)

@@ -1,0 +1,138 @@
+"""Causal-LM loss on loss-carrying positions only, without building full-vocabulary logits.
+
+Written here because transformers builds (batch, length, vocab) logits for every position, and
+TRL's fused head scores every position on devices without Triton (CPU): for a small model on a
+CPU the LM head and its cross-entropy are most of a step. This computes the head only for tokens
+whose label is not -100, in row chunks, and produces the gradients chunk by chunk in the forward
+pass, so memory stays flat in the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+IGNORE = -100
+CHUNK_ROWS = 2048
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T + b, y_i); gradients are computed in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if needs_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if (needs_b and bias is not None) else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w = weight.to(hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk_rows):
+                h, y = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]
+                logits = (h @ w.t()).float()
+                if bias is not None:
+                    logits += bias.float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if grad_h is None and grad_w is None and grad_b is None:
+                    continue
+                # d CE / d logits = softmax - onehot, computed in place over the logits buffer
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                if grad_b is not None:
+                    grad_b += probs.sum(0)
+                g = probs.to(hidden.dtype)
+                if grad_h is not None:
+                    grad_h[s:s + chunk_rows] = g @ w
+                if grad_w is not None:
+                    grad_w.addmm_(g.t().float(), h.float())
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(ctx.bias_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None
+
+
+def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int = CHUNK_ROWS):
+    """Summed cross-entropy of the linear head over rows of `hidden` (N, H) with targets (N,)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0  # a differentiable zero for a batch without loss tokens
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows)
+
+
+@torch.no_grad()
+def linear_argmax(hidden, weight, bias, chunk_rows: int = CHUNK_ROWS):
+    """Top-1 prediction of the linear head for each row, chunked like the loss."""
+    out = []
+    w = weight.to(hidden.dtype)
+    for s in range(0, hidden.shape[0], chunk_rows):
+        logits = hidden[s:s + chunk_rows] @ w.t()
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        out.append(logits.argmax(-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.long)
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fast_loss_supported(model) -> bool:
+    """Our head is a plain linear layer; models that scale or cap logits use their own loss."""
+    cfg = _unwrap(model).config.get_text_config()
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return False
+    head = _unwrap(model).get_output_embeddings()
+    return isinstance(head, torch.nn.Linear) or type(head).__name__ == "Linear"
+
+
+def install_selective_head(model) -> None:
+    """Let `model(..., selective_labels=labels)` return token-level loss sums instead of logits.
+
+    Patched on the instance, like TRL's fused head, so that calls through DDP, FSDP or PEFT wrappers
+    still run the wrapper's forward (gradient sync depends on it). Without the keyword the model's
+    own forward runs unchanged, so generation is not affected.
+    """
+    if getattr(model, "_chattune_selective_head", False):
+        return
+    original = model.forward
+
+    def forward(self, *args, selective_labels=None, with_accuracy=False, **kwargs):
+        if selective_labels is None:
+            return original(*args, **kwargs)
+        kwargs["use_cache"] = False
+        backbone = getattr(self, self.base_model_prefix)
+        hidden = backbone(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = selective_labels[:, 1:]
+        mask = targets != IGNORE
+        head = self.get_output_embeddings()
+        h, y = hidden[mask], targets[mask]
+        loss_sum = linear_cross_entropy_sum(h, head.weight, head.bias, y)
+        out = {"loss_sum": loss_sum, "n_tokens": mask.sum()}
+        if with_accuracy:
+            out["n_correct"] = (linear_argmax(h.detach(), head.weight, head.bias) == y).sum()
+        return out
+
+    model.forward = types.MethodType(forward, model)
+    model._chattune_selective_head = True
+
+
+def full_logits_loss_sum(model, input_ids, attention_mask, labels):
+    """Reference: the plain full-logits cross-entropy sum over the same tokens (tests, odd models)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    mask = targets != IGNORE
+    correct = ((logits.argmax(-1) == targets) & mask).sum()
+    return loss, mask.sum(), correct

@@ -1,0 +1,122 @@
+"""TRL's SFTTrainer, composed with chattune's loss and evaluation.
+
+Two methods are overridden, each for a measured reason: `compute_loss` (the selective LM head:
+loss only where labels are not -100, without full-vocabulary logits) and `evaluate` (a mean over
+assistant tokens rather than over batches, plus perplexity and accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from chattune.evaluate import evaluate_batches, summarize
+from chattune.loss import fast_loss_supported, install_selective_head
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class ChattuneTrainer(SFTTrainer):
+    # compute_loss divides by the token count of the whole accumulated step itself
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, **kwargs):
+        model = kwargs["model"]
+        self.selective = fast_loss_supported(model)
+        if self.selective:
+            install_selective_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        super().__init__(*args, **kwargs)
+        # count loss tokens over the whole accumulated step, so every token weighs the same
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.selective:
+            out = model(**model_inputs, selective_labels=labels)
+            loss_sum, n = out["loss_sum"], out["n_tokens"]
+        else:
+            logits = model(**model_inputs).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            loss_sum = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+            n = (targets != -100).sum()
+        denom = num_items_in_batch if num_items_in_batch is not None else n.clamp(min=1)
+        loss = loss_sum / torch.as_tensor(denom, device=loss_sum.device).clamp(min=1)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # the count covers every rank and DDP averages gradients over ranks
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            return {}
+        start = time.perf_counter()
+        loader = self.get_eval_dataloader(dataset)
+        model = self.accelerator.unwrap_model(self.model)
+        totals = evaluate_batches(model, loader, device=self.args.device,
+                                  autocast=self.autocast_smart_context_manager)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        stats = summarize(*totals.tolist())
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in stats.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 3)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class MetricsLogger(TrainerCallback):
+    """Appends every training log and evaluation to OUTPUT/metrics.jsonl, one JSON object a line."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / METRICS_FILE
+        self._last_time = None
+        self._last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.perf_counter()
+        self._last_tokens = state.num_input_tokens_seen or 0
+
+    def _write(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen or 0
+            elapsed = now - (self._last_time or now)
+            record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+                      "tokens_per_second": round((tokens - self._last_tokens) / elapsed, 1) if elapsed > 0 else None,
+                      "epoch": logs.get("epoch"), "grad_norm": logs.get("grad_norm"), "tokens_seen": tokens}
+            self._last_time, self._last_tokens = now, tokens
+            self._write(record)
+        elif "eval_loss" in logs:
+            record = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
+            self._write(record)
+        elif "train_runtime" in logs:
+            self._write({"step": state.global_step, **logs})
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stops the run at the first logged NaN or infinite loss instead of training on garbage."""
+
+    def __init__(self):
+        self.bad_step = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.bad_step = state.global_step
+            control.should_training_stop = True
+            control.should_save = False

@@ -1,0 +1,80 @@
+"""The selective LM head must learn exactly what a plain full-logits cross-entropy learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from chattune.loss import full_logits_loss_sum, install_selective_head, linear_cross_entropy_sum
+
+
+def _model_and_batch(seed=0):
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                                       eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    ids = torch.randint(0, 97, (3, 12))
+    attn = torch.ones_like(ids)
+    attn[1, 9:] = 0  # a padded row
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt without loss
+    labels[attn == 0] = -100
+    labels[2, 7] = -100
+    return model, ids, attn, labels
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_selective_loss_and_grads_equal_full_logits_cross_entropy():
+    model, ids, attn, labels = _model_and_batch()
+    ref, n_ref, _ = full_logits_loss_sum(model, ids, attn, labels)
+    (ref / n_ref).backward()
+    ref_grads = _grads(model)
+    model.zero_grad()
+
+    install_selective_head(model)
+    out = model(input_ids=ids, attention_mask=attn, selective_labels=labels)
+    assert int(out["n_tokens"]) == int(n_ref) == int((labels[:, 1:] != -100).sum())
+    (out["loss_sum"] / out["n_tokens"]).backward()
+    assert abs(out["loss_sum"].item() - ref.item()) < 1e-5 * max(1.0, ref.item())
+    grads = _grads(model)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 4096])
+def test_chunking_does_not_change_loss_or_gradient(chunk_rows):
+    torch.manual_seed(1)
+    h = torch.randn(13, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    y = torch.randint(0, 50, (13,))
+    ref = torch.nn.functional.cross_entropy(h @ w.t() + b, y, reduction="sum")
+    ref.backward()
+    ref_grads = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    got = linear_cross_entropy_sum(h, w, b, y, chunk_rows=chunk_rows)
+    (got * 0.5).backward()  # the incoming gradient scales the stored gradients
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for t, r in zip((h, w, b), ref_grads):
+        torch.testing.assert_close(t.grad, 0.5 * r, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_without_loss_tokens_is_a_zero_that_backpropagates():
+    model, ids, attn, labels = _model_and_batch()
+    install_selective_head(model)
+    out = model(input_ids=ids, attention_mask=attn, selective_labels=torch.full_like(labels, -100))
+    assert out["loss_sum"].item() == 0.0 and int(out["n_tokens"]) == 0
+    out["loss_sum"].backward()
+
+
+def test_plain_forward_is_unchanged_for_generation():
+    model, ids, attn, _ = _model_and_batch()
+    before = model(input_ids=ids, attention_mask=attn).logits
+    install_selective_head(model)
+    after = model(input_ids=ids, attention_mask=attn).logits
+    torch.testing.assert_close(before, after)
