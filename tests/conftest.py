@@ -21,6 +21,19 @@ LINES = [
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prepared_cache(tmp_path_factory) -> Path:
+    """Prepared (tokenized) data is cached under the session's temporary directory, never the user's."""
+    d = tmp_path_factory.mktemp("chattune-cache")
+    old = os.environ.get("CHATTUNE_CACHE")
+    os.environ["CHATTUNE_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("CHATTUNE_CACHE", None)
+    else:
+        os.environ["CHATTUNE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tok")
@@ -52,3 +65,20 @@ def model_dir(tmp_path_factory, splits) -> Path:
     d = tmp_path_factory.mktemp("gpt2-tiny")
     synth.build_base_model(d, splits, n_layer=2, n_embd=32, n_head=2, n_positions=128)
     return d
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory, model_dir, ultrachat_dir) -> Path:
+    """A chattune output directory: the tiny GPT-2 fine-tuned for a few dozen steps (report included)."""
+    from chattune.config import Config, validate
+    from chattune.train import run_train
+
+    cfg = Config()
+    cfg.model.name = str(model_dir)
+    cfg.data.dataset, cfg.data.train_split, cfg.data.eval_split = str(ultrachat_dir), "train_gen", "test_gen"
+    out = tmp_path_factory.mktemp("trained") / "out"
+    t = cfg.train
+    t.output_dir, t.max_steps, t.batch_size, t.lr, t.warmup = str(out), 60, 8, 3e-3, 0.1
+    t.logging_steps, t.eval_steps, t.save_steps, t.group_by_length = 5, 30, 60, False
+    run_train(validate(cfg))
+    return out

@@ -96,14 +96,15 @@ def test_no_token_in_any_output_file(trained):
             assert SECRET.encode() not in path.read_bytes(), path
 
 
-def test_tutorial_config_runs_on_cpu(model_dir, ultrachat_dir, tmp_path):
+def test_tutorial_config_runs_on_cpu_even_with_its_fp16(model_dir, ultrachat_dir, tmp_path):
     out = tmp_path / "tut"
     proc = run_cli("train", "--config", ROOT / "configs" / "tutorial.yaml", "--model", model_dir, "--dataset",
-                   ultrachat_dir, "--output-dir", out, "--max-steps", 2)
+                   ultrachat_dir, "--output-dir", out, "--max-steps", 2, "--precision", "fp16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = (out / "chattune.yaml").read_text()
     assert "max_length: 128" in saved and "grad_accum: 4" in saved
-    assert "precision fp32" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "fp16 mixed precision needs a CUDA GPU; training in fp32" in log and "precision fp32" in log
 
 
 def test_resume_continues_to_the_same_weights(model_dir, ultrachat_dir, tmp_path):

@@ -43,8 +43,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str | None = opt(None, "hub id, local directory laid out like a hub data set, or a "
-                                    ".json/.jsonl/.parquet/.csv file", flag="--dataset")
+    dataset: str | None = opt(None, "hub id, local directory laid out like a hub data set, or "
+                                    ".json/.jsonl/.parquet/.csv files (a path, a glob, or paths separated by "
+                                    "commas)", flag="--dataset")
+    datasets: list = opt(list, "several data sets mixed in one run, instead of --dataset: a list of {dataset, "
+                               "split, samples or fraction, format, columns, config_name, revision, eval_split}")
     config_name: str | None = opt(None, "the data set's configuration (subset) name", flag="--dataset-config")
     revision: str | None = opt(None, "hub revision of the data set", flag="--dataset-revision")
     train_split: str = opt("train", "split to train on", flag="--train-split")
@@ -63,6 +66,8 @@ class DataConfig:
                                        flag="--max-eval-samples")
     skip_invalid: bool = opt(False, "train on the valid rows and write the rest to rejected.jsonl "
                                     "instead of stopping", flag="--skip-invalid")
+    cache: bool = opt(True, "reuse the tokenized data an earlier run prepared from the same data, tokenizer, "
+                            "template and max length (in $CHATTUNE_CACHE, default ~/.cache/chattune)", flag="--cache")
 
 
 @dataclass
@@ -91,6 +96,8 @@ class TrainConfig:
     save_steps: int | None = opt(None, "save a checkpoint every N steps (default: at the end of each epoch)",
                                  flag="--save-steps")
     save_total_limit: int | None = opt(2, "keep at most this many checkpoints", flag="--save-total-limit")
+    save_minutes: float | None = opt(None, "also save a checkpoint whenever this many minutes have passed since the "
+                                           "last one", flag="--save-minutes")
     resume: bool | str = opt(False, "continue from the newest checkpoint in --output-dir, or from a given "
                                     "checkpoint directory", flag="--resume")
     group_by_length: bool = opt(True, "batch conversations of similar length together (less padding, faster; "
@@ -98,6 +105,26 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory",
                                        flag="--gradient-checkpointing")
     num_workers: int = opt(0, "data-loader worker processes", flag="--num-workers")
+    attention_dropout: float | None = opt(None, "train with this attention-probability dropout instead of the "
+                                                "model's own (gpt2: 0.1); 0 lets PyTorch's fused attention run, "
+                                                "which on a CPU is much faster and needs far less memory",
+                                          flag="--attention-dropout")
+    eval_baseline: bool = opt(True, "also score the base model on the evaluation split, for the before/after "
+                                    "comparison in report.md (one extra evaluation pass)", flag="--eval-baseline")
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = opt(False, "train a LoRA adapter (PEFT) instead of every weight", flag="--lora")
+    qlora: bool = opt(False, "LoRA on a 4-bit base model (bitsandbytes; needs a CUDA GPU)", flag="--qlora")
+    r: int = opt(16, "LoRA rank", flag="--lora-r")
+    alpha: int = opt(32, "LoRA scaling alpha (the update is scaled by alpha / r)", flag="--lora-alpha")
+    dropout: float = opt(0.05, "dropout on the LoRA input", flag="--lora-dropout")
+    target_modules: list[str] | None = opt(None, "comma-separated module names to adapt, or all-linear (default: "
+                                                 "c_attn,c_proj,c_fc for GPT-2, all linear layers otherwise)",
+                                           flag="--lora-target-modules")
+    merge: bool = opt(False, "after training, also write a standalone merged model to OUTPUT/merged",
+                      flag="--merge")
 
 
 @dataclass
@@ -105,6 +132,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,7 +145,7 @@ class Config:
         return path
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraSettings}
 
 
 def _fields(section_cls) -> dict[str, tuple[dataclasses.Field, Any]]:
@@ -255,6 +283,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
     if t.num_workers < 0:
         raise ConfigError(f"train.num_workers must be >= 0, got {t.num_workers}")
+    if t.attention_dropout is not None and not 0 <= t.attention_dropout < 1:
+        raise ConfigError(f"train.attention_dropout must be in [0, 1), got {t.attention_dropout}")
     for section in SECTIONS:
         for name, (f, _) in _fields(SECTIONS[section]).items():
             choices = f.metadata.get("choices")
@@ -263,6 +293,21 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"{section}.{name} must be one of {', '.join(choices)}; got {value!r}")
     if not cfg.model.name:
         raise ConfigError("model.name is empty: give --model (a hub id or a local directory)")
+    if d.datasets:
+        from chattune.data.mixture import parse_entries
+
+        parse_entries(d)  # names the entry and field at fault
+    if t.save_minutes is not None and not t.save_minutes > 0:
+        raise ConfigError(f"train.save_minutes must be positive (or unset), got {t.save_minutes}")
+    lo = cfg.lora
+    if lo.r < 1 or lo.alpha < 1:
+        raise ConfigError(f"lora.r and lora.alpha must be at least 1, got r={lo.r}, alpha={lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    if lo.target_modules is not None and not lo.target_modules:
+        raise ConfigError("lora.target_modules is empty: name modules, use all-linear, or leave it unset")
+    if lo.merge and not (lo.enabled or lo.qlora):
+        raise ConfigError("lora.merge (--merge) needs an adapter run: add --lora or --qlora")
     return cfg
 
 

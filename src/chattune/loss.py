@@ -14,40 +14,60 @@ import types
 import torch
 
 IGNORE = -100
-CHUNK_ROWS = 2048
+# logits are computed for this many bytes of rows at a time, so memory stays flat in the vocabulary size;
+# a GPU runs bigger matmuls better and has the memory for them
+CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
+
+
+def chunk_rows_for(vocab_size: int, device_type: str) -> int:
+    budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"])
+    return max(64, min(8192, budget // (4 * vocab_size)))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T + b, y_i); gradients are computed in forward and scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, matmul_dtype):
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if needs_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if (needs_b and bias is not None) else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w = weight.to(hidden.dtype)
+        w = weight.to(matmul_dtype)
+        # one logits buffer for all chunks: a fresh allocation of this size per chunk costs page faults on a CPU
+        buffer = hidden.new_empty((min(chunk_rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk_rows):
-                h, y = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]
-                logits = (h @ w.t()).float()
+                h, y = hidden[s:s + chunk_rows].to(matmul_dtype), targets[s:s + chunk_rows]
+                logits = buffer[:len(y)]
+                if matmul_dtype == torch.float32:
+                    torch.mm(h, w.t(), out=logits)
+                else:
+                    logits.copy_(h @ w.t())
                 if bias is not None:
                     logits += bias.float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                target_logit = logits.gather(1, y[:, None]).squeeze(1)
+                # softmax in place with a single exp per element: the elementwise passes over the
+                # (rows, vocab) block are the part of the head that is not matmul
+                top = logits.amax(-1, keepdim=True)
+                probs = logits.sub_(top).exp_()
+                sums = probs.sum(-1)
+                total += (top.squeeze(1) + sums.log() - target_logit).sum()
                 if grad_h is None and grad_w is None and grad_b is None:
                     continue
-                # d CE / d logits = softmax - onehot, computed in place over the logits buffer
-                probs = logits.sub_(lse[:, None]).exp_()
+                # d CE / d logits = softmax - onehot
+                probs.div_(sums[:, None])
                 probs[torch.arange(len(y), device=y.device), y] -= 1.0
                 if grad_b is not None:
                     grad_b += probs.sum(0)
-                g = probs.to(hidden.dtype)
+                g = probs.to(matmul_dtype)
                 if grad_h is not None:
-                    grad_h[s:s + chunk_rows] = g @ w
-                if grad_w is not None:
-                    grad_w.addmm_(g.t().float(), h.float())
+                    grad_h[s:s + chunk_rows] = (g @ w).to(grad_h.dtype)
+                if grad_w is not None and matmul_dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h)
+                elif grad_w is not None:
+                    grad_w.add_(g.t() @ h)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -59,19 +79,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         gb = (grad_b * grad_out).to(ctx.bias_dtype) if grad_b is not None else None
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, None, None
 
 
-def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int = CHUNK_ROWS):
-    """Summed cross-entropy of the linear head over rows of `hidden` (N, H) with targets (N,)."""
+def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int | None = None):
+    """Summed cross-entropy of the linear head over rows of `hidden` (N, H) with targets (N,).
+
+    Under autocast the matmuls run in the autocast dtype (as the model's own head would) and the
+    softmax in float32.
+    """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # a differentiable zero for a batch without loss tokens
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows)
+    device = hidden.device.type
+    rows = chunk_rows or chunk_rows_for(weight.shape[0], device)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, dtype)
 
 
 @torch.no_grad()
-def linear_argmax(hidden, weight, bias, chunk_rows: int = CHUNK_ROWS):
+def linear_argmax(hidden, weight, bias, chunk_rows: int | None = None):
     """Top-1 prediction of the linear head for each row, chunked like the loss."""
+    chunk_rows = chunk_rows or chunk_rows_for(weight.shape[0], hidden.device.type)
     out = []
     w = weight.to(hidden.dtype)
     for s in range(0, hidden.shape[0], chunk_rows):

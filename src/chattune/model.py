@@ -63,7 +63,7 @@ def check_model_source(name: str) -> None:
         raise ChattuneError(f"model directory not found: {name}")
     if p.exists() and not p.is_dir():
         raise ChattuneError(f"--model must be a directory or a hub id, but {name} is a file")
-    if p.is_dir() and not (p / "config.json").is_file():
+    if p.is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
         raise ChattuneError(f"{name} is not a model directory: it has no config.json")
 
 
@@ -96,14 +96,26 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
         raise _hub_error(name, e, "tokenizer") from e
 
 
-def load_model(name: str, revision: str | None = None, trust_remote_code: bool = False, dtype=None):
-    """Weights load as safetensors only (a pickled .bin can run code)."""
+def load_model(name: str, revision: str | None = None, trust_remote_code: bool = False, dtype=None,
+               quantization_config=None, merge_adapter: bool = True):
+    """Weights load as safetensors only (a pickled .bin can run code).
+
+    A LoRA adapter directory (chattune train --lora) loads as its base model with the adapter
+    applied: merged into a plain model, or as a PeftModel with merge_adapter=False.
+    """
     from transformers import AutoModelForCausalLM
 
+    from chattune.adapters import is_adapter_dir, load_adapter_model
+
     check_model_source(name)
+    if is_adapter_dir(name):
+        return load_adapter_model(name, trust_remote_code, dtype=dtype, merge=merge_adapter)
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    if quantization_config is not None:
+        extra["device_map"] = {"": torch.cuda.current_device()}  # each process puts its 4-bit copy on its own GPU
     try:
         return AutoModelForCausalLM.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
-                                                    use_safetensors=True, dtype=dtype or torch.float32)
+                                                    use_safetensors=True, dtype=dtype or torch.float32, **extra)
     except Exception as e:
         if _is_local(name) and not any(Path(name).expanduser().glob("*.safetensors")):
             raise ChattuneError(f"{name} has no .safetensors weights; chattune loads only safetensors. Convert the "

@@ -93,17 +93,17 @@ def write_hub_layout(splits: dict[str, list[dict]], directory: str | Path) -> Pa
     return root
 
 
-def train_tokenizer(texts, directory: str | Path | None = None, vocab_size: int = 400):
+def train_tokenizer(texts, directory: str | Path | None = None, vocab_size: int = 400, split_digits: bool = True):
     """A byte-level BPE tokenizer like GPT-2's (one special token, no pad, no chat template), with
-    digits split one per token so that arithmetic is learnable by a tiny model."""
+    digits split one per token so that arithmetic is learnable by a tiny model (split_digits=False:
+    GPT-2's own pre-tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if split_digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

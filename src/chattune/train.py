@@ -9,13 +9,17 @@ import json
 import logging
 from pathlib import Path
 
+from chattune import adapters
+from chattune.checkpoints import CheckpointError, check_resume_target, checkpoint_dirs, discard_staging, newest_complete
 from chattune.collate import PadCollator
 from chattune.config import Config
-from chattune.data import holdout_split, load_conversations
-from chattune.errors import ChattuneError, DataError
+from chattune.data.mixture import load_training_data  # noqa: F401  (part of this module's API)
+from chattune.distributed import process_state, quiet_unless_main
+from chattune.errors import ChattuneError
 from chattune.model import (context_length, fit_model_to_tokenizer, load_config, load_for_training, load_model,
                             pick_device, resolve_precision)
-from chattune.tokenize import prepare_split
+from chattune.prepared import prepare_training_data, write_rejected  # noqa: F401
+from chattune.report import write_run_report
 
 log = logging.getLogger("chattune")
 RESULTS_FILE = "results.json"
@@ -45,52 +49,23 @@ def resolve_max_length(requested: int | None, context: int | None, model_name: s
 
 
 def resolve_resume(resume, output_dir: Path):
-    """None, or the checkpoint directory to continue from."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """None, or the checkpoint to continue from: the newest complete one, or the one named."""
     if resume in (False, None):
-        if output_dir.is_dir() and get_last_checkpoint(str(output_dir)):
+        if checkpoint_dirs(output_dir):
             raise ChattuneError(f"{output_dir} already holds checkpoints of an earlier run: pass --resume to continue "
                                 "it, or choose another --output-dir")
         return None
     if resume is True:
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
-            raise ChattuneError(f"--resume: no checkpoint in {output_dir} to continue from")
-        return last
+        found, skipped = newest_complete(output_dir)
+        for path, reason in skipped:
+            log.warning(f"skipping {path.name}: {reason}")
+        if found is None:
+            raise CheckpointError(f"--resume: no complete checkpoint in {output_dir} to continue from"
+                                  + (f" ({len(skipped)} incomplete skipped)" if skipped else ""))
+        return str(found)
     path = Path(resume)
-    if not path.is_dir():
-        raise ChattuneError(f"--resume: checkpoint directory not found: {path}")
+    check_resume_target(path)
     return str(path)
-
-
-def load_training_data(cfg: Config):
-    """Train and eval splits as canonical conversations, validated, before any model is loaded."""
-    d = cfg.data
-    if not d.dataset:
-        raise DataError("no data set given: pass --dataset (a hub id, a local directory or a file)")
-    common = dict(fmt=d.format, columns=d.columns, config_name=d.config_name, revision=d.revision,
-                  skip_invalid=d.skip_invalid)
-    train = load_conversations(d.dataset, d.train_split, max_samples=d.max_train_samples, **common)
-    evaluation = None
-    if d.eval_split:
-        evaluation = load_conversations(d.dataset, d.eval_split, max_samples=d.max_eval_samples, **common)
-    elif d.eval_fraction > 0:
-        train.dataset, held = holdout_split(train.dataset, d.eval_fraction)
-        if d.max_eval_samples is not None and len(held) > d.max_eval_samples:
-            held = held.select(range(d.max_eval_samples))
-        evaluation = type(train)(dataset=held, format=train.format, name=f"{train.name} (held out)", rejected=[])
-    return train, evaluation
-
-
-def write_rejected(output_dir: Path, *splits) -> int:
-    rows = [(s.name, i, reason, raw) for s in splits if s is not None for i, reason, raw in s.rejected]
-    if not rows:
-        return 0
-    with open(output_dir / "rejected.jsonl", "w") as f:
-        for name, i, reason, raw in rows:
-            f.write(json.dumps({"split": name, "row": i, "reason": reason, "data": raw}, default=str) + "\n")
-    return len(rows)
 
 
 def build_args(cfg: Config, precision: str, has_eval: bool, use_cpu: bool):
@@ -125,6 +100,8 @@ def build_args(cfg: Config, precision: str, has_eval: bool, use_cpu: bool):
         save_total_limit=t.save_total_limit,
         report_to="none",
         dataloader_num_workers=t.num_workers,
+        # page-locked host memory only speeds copies to a GPU; on a CPU it is a wasted copy
+        dataloader_pin_memory=not use_cpu,
         include_num_input_tokens_seen="non_padding",
         # rows of similar length share a batch, so little compute goes to padding
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -135,30 +112,40 @@ def build_args(cfg: Config, precision: str, has_eval: bool, use_cpu: bool):
         max_length=None,
         packing=False,
         disable_tqdm=False,
+        # a NaN must reach the log and the guard, not be replaced by the running mean
+        logging_nan_inf_filter=False,
+        # every parameter gets a gradient each step; searching for unused ones costs a graph walk
+        ddp_find_unused_parameters=False,
     )
 
 
 def run_train(cfg: Config) -> dict:
     out = Path(cfg.train.output_dir)
-    resume = resolve_resume(cfg.train.resume, out)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = attach_run_log(out)
-    try:
-        return _run(cfg, out, resume)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    if cfg.lora.qlora:
+        adapters.check_qlora_available()
+    if adapters.is_adapter_dir(cfg.model.name):
+        raise ChattuneError(f"{cfg.model.name} is a LoRA adapter, not a model: merge it first (chattune merge "
+                            f"{cfg.model.name} --output-dir DIR) and train from DIR")
+    state = process_state(pick_device())
+    with quiet_unless_main(state):
+        resume = resolve_resume(cfg.train.resume, out)
+        state.wait_for_everyone()  # every process has chosen the checkpoint before rank 0 tidies up
+        handler = None
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            discard_staging(out)
+            handler = attach_run_log(out)
+        state.wait_for_everyone()
+        try:
+            return _run(cfg, out, resume, state)
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
 
 
-def _run(cfg: Config, out: Path, resume) -> dict:
+def _run(cfg: Config, out: Path, resume, state) -> dict:
     from transformers import set_seed
-
-    train_split, eval_split = load_training_data(cfg)
-    log.info(f"data: {train_split.name}, format {train_split.format}, {len(train_split.dataset)} conversations"
-             + (f"; eval {eval_split.name}, {len(eval_split.dataset)}" if eval_split else "; no evaluation split"))
-    n_rejected = write_rejected(out, train_split, eval_split)
-    if n_rejected:
-        log.info(f"skipped {n_rejected} invalid row(s); each is in {out / 'rejected.jsonl'} with its reason")
 
     m = cfg.model
     model_config = load_config(m.name, m.revision, m.trust_remote_code)
@@ -166,15 +153,14 @@ def _run(cfg: Config, out: Path, resume) -> dict:
     cfg.data.max_length = max_length
     tokenizer, setup = load_for_training(m, log.info)
 
-    kind = "text" if train_split.format == "text" else "messages"
-    train_rows, train_stats = prepare_split(train_split.dataset, tokenizer, max_length, kind)
+    # data is validated and tokenized (or found in the prepared-data cache) before any weights load;
+    # rank 0 goes first and fills the cache, the other processes then read it
+    with state.main_process_first():
+        data = prepare_training_data(cfg, tokenizer, max_length, out, main=state.is_main_process)
+    train_split, eval_split = data.train_split, data.eval_split
+    train_rows, train_stats, eval_rows, eval_stats = data.train_rows, data.train_stats, data.eval_rows, data.eval_stats
     log.info(train_stats.summary("train"))
-    if train_stats.rows_out == 0:
-        raise DataError(f"no training conversation keeps an assistant token within --max-length {max_length}; "
-                        "raise --max-length")
-    eval_rows, eval_stats = None, None
-    if eval_split is not None:
-        eval_rows, eval_stats = prepare_split(eval_split.dataset, tokenizer, max_length, kind)
+    if eval_stats is not None:
         log.info(eval_stats.summary("eval"))
         if eval_stats.rows_out == 0:
             log.warning("no evaluation conversation keeps an assistant token; evaluation is skipped")
@@ -185,38 +171,67 @@ def _run(cfg: Config, out: Path, resume) -> dict:
     if note:
         log.warning(note)
     log.info(f"device {device}, precision {precision}, max length {max_length}")
-    cfg.save(out)  # the resolved config (max length filled in); holds no secrets
+    if state.is_main_process:
+        cfg.save(out)  # the resolved config (max length filled in); holds no secrets
 
+    lora = cfg.lora.enabled or cfg.lora.qlora
+    if lora and cfg.train.lr < 5e-5:
+        log.info(f"LoRA usually needs a higher learning rate than full fine-tuning (e.g. --lr 2e-4); this run uses "
+                 f"{cfg.train.lr:g}")
     set_seed(cfg.train.seed)
-    model = load_model(m.name, m.revision, m.trust_remote_code)
+    model = load_model(m.name, m.revision, m.trust_remote_code,
+                       quantization_config=adapters.quantization_config() if cfg.lora.qlora else None)
+    rows_before = model.get_input_embeddings().weight.shape[0]
     fit_model_to_tokenizer(model, tokenizer, setup)
+    if cfg.train.attention_dropout is not None:
+        from chattune.speed import set_attention_dropout
 
-    from chattune.trainer import ChattuneTrainer, MetricsLogger, NonFiniteLossGuard
+        n = set_attention_dropout(model, cfg.train.attention_dropout)
+        log.info(f"attention dropout {cfg.train.attention_dropout} in {n} layers (the saved config keeps the model's)")
+    args = build_args(cfg, precision, eval_rows is not None, use_cpu=device == "cpu")
+    if lora:
+        model = adapters.wrap(model, cfg.lora, adapters.new_token_ids(tokenizer, setup.added_tokens, rows_before),
+                              m.name, m.revision, args)
+
+    from chattune.interrupts import StepControl, StopSignals, interrupted_error, nonfinite_error
+    from chattune.memory import estimate, report
+    from chattune.trainer import ChattuneTrainer, MetricsLogger
 
     metrics_path = out / "metrics.jsonl"
-    if resume is None and metrics_path.exists():
+    if resume is None and metrics_path.exists() and state.is_main_process:
         metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
-    guard = NonFiniteLossGuard()
-    args = build_args(cfg, precision, eval_rows is not None, use_cpu=device == "cpu")
+    signals = StopSignals()
+    control = StepControl(signals, cfg.train.save_minutes)
     trainer = ChattuneTrainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer,
         data_collator=PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None),
-        callbacks=[MetricsLogger(out), guard],
+        callbacks=[MetricsLogger(out), control],
     )
+    report(estimate(trainer.model, cfg.train.batch_size, max_length, precision, cfg.train.gradient_checkpointing,
+                    device, selective_head=trainer.selective))
     if resume:
         log.info(f"resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    if guard.bad_step is not None:
-        raise ChattuneError(f"the loss became NaN or infinite at step {guard.bad_step}; training stopped. Lower --lr "
-                            "or check the data; the last good checkpoint is kept in the output directory")
+    with signals:
+        result = trainer.train(resume_from_checkpoint=resume)
+    if control.nonfinite_step is not None:
+        raise nonfinite_error(control.nonfinite_step, out)
+    if control.stopped_at is not None:
+        raise interrupted_error(control, out, quiet=not state.is_main_process)
     final = trainer.evaluate() if eval_rows is not None else {}
+    trainer.save_model(str(out))  # every process: FSDP and ZeRO-3 gather the weights for rank 0
     if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
+        if lora:
+            adapters.save_extras(trainer.model, out)
         results = {"train": result.metrics, "eval": final, "max_length": max_length,
                    "data": {"train": vars(train_stats), "eval": vars(eval_stats) if eval_stats else None},
                    "device": device, "precision": precision}
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
         log.info(f"model saved to {out}" + (f"; eval loss {final['eval_loss']:.4f}, perplexity "
                                              f"{final['eval_perplexity']:.2f}" if final else ""))
+        if lora and cfg.lora.merge:
+            merged = adapters.merge_adapter(out, out / adapters.MERGED_DIR, overwrite=True,
+                                            trust_remote_code=m.trust_remote_code)
+            log.info(f"merged model (adapter and base in one) written to {merged}")
+        write_run_report(cfg, out, tokenizer, train_split, eval_split, eval_rows)
     return {"output_dir": str(out), "train": result.metrics, "eval": final}

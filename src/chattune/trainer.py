@@ -2,13 +2,14 @@
 
 Two methods are overridden, each for a measured reason: `compute_loss` (the selective LM head:
 loss only where labels are not -100, without full-vocabulary logits) and `evaluate` (a mean over
-assistant tokens rather than over batches, plus perplexity and accuracy).
+assistant tokens rather than over batches, plus perplexity and accuracy). Checkpoints are written
+atomically (checkpoints.AtomicCheckpoints), every micro-batch loss is checked for NaN, and length
+grouping covers the global batch (sampling.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -16,13 +17,19 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from chattune.checkpoints import AtomicCheckpoints
+from chattune.distributed import pad_to_even_shards
 from chattune.evaluate import evaluate_batches, summarize
+from chattune.interrupts import StepControl
 from chattune.loss import fast_loss_supported, install_selective_head
+from chattune.model import pick_device
+from chattune.sampling import length_grouped_sampler
+from chattune.speed import is_causal_lm, loss_inputs, prepare_for_training
 
 METRICS_FILE = "metrics.jsonl"
 
 
-class ChattuneTrainer(SFTTrainer):
+class ChattuneTrainer(AtomicCheckpoints, SFTTrainer):
     # compute_loss divides by the token count of the whole accumulated step itself
     loss_is_scaled_for_ga = True
 
@@ -31,6 +38,9 @@ class ChattuneTrainer(SFTTrainer):
         self.selective = fast_loss_supported(model)
         if self.selective:
             install_selective_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        # speed-ups that leave what is learned unchanged (speed.py; measured in bench/train_speed.py)
+        self.speedups = prepare_for_training(model, pick_device())
+        self.causal = is_causal_lm(model)
         super().__init__(*args, **kwargs)
         # count loss tokens over the whole accumulated step, so every token weighs the same
         self.model_accepts_loss_kwargs = True
@@ -39,7 +49,8 @@ class ChattuneTrainer(SFTTrainer):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.selective:
-            out = model(**model_inputs, selective_labels=labels)
+            # right padding under a causal mask changes no real token: the mask can go (SDPA's causal fast path)
+            out = model(**loss_inputs(model_inputs, labels, self.causal), selective_labels=labels)
             loss_sum, n = out["loss_sum"], out["n_tokens"]
         else:
             logits = model(**model_inputs).logits[:, :-1].float()
@@ -54,11 +65,30 @@ class ChattuneTrainer(SFTTrainer):
             loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss}) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StepControl):  # it stops the run at the step whose loss is not finite
+                callback.observe_loss(loss)
+        return loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        # grouped over the global batch, in an order fixed by (seed, epoch): N processes train on the
+        # same batches as one process with the same global batch, and a resumed run as an uninterrupted one
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if (self.args.train_sampling_strategy == "group_by_length" and dataset is not None
+                and self.args.length_column_name in getattr(dataset, "column_names", [])):
+            return length_grouped_sampler(self.args, dataset)
+        return super()._get_train_sampler(train_dataset)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             return {}
         start = time.perf_counter()
+        if self.accelerator.num_processes > 1 and hasattr(dataset, "column_names"):
+            dataset = pad_to_even_shards(dataset, self.accelerator.num_processes * self.args.eval_batch_size,
+                                         self.processing_class.pad_token_id)
         loader = self.get_eval_dataloader(dataset)
         model = self.accelerator.unwrap_model(self.model)
         totals = evaluate_batches(model, loader, device=self.args.device,
@@ -106,17 +136,3 @@ class MetricsLogger(TrainerCallback):
             self._write(record)
         elif "train_runtime" in logs:
             self._write({"step": state.global_step, **logs})
-
-
-class NonFiniteLossGuard(TrainerCallback):
-    """Stops the run at the first logged NaN or infinite loss instead of training on garbage."""
-
-    def __init__(self):
-        self.bad_step = None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self.bad_step = state.global_step
-            control.should_training_stop = True
-            control.should_save = False

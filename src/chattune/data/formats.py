@@ -1,11 +1,15 @@
 """Source shapes to chattune's one canonical form: a list of {"role", "content"} messages.
 
-Each converter is a small pure function of one row. `detect_format` picks the shape from the column
-names; `--format` forces one, and `data.columns` renames columns ({"messages": "dialog"}).
+Each converter is a small pure function of one row; `to_canonical` converts and validates.
+`detect_format` picks the shape from the column names; `--format` forces one, and `data.columns`
+renames columns ({"messages": "dialog"}).
 """
 
 from __future__ import annotations
 
+import json
+
+from chattune.data.validate import Reason, RowError, check_messages, check_text
 from chattune.errors import DataError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -70,37 +74,50 @@ def optional_columns(fmt: str, columns: dict | None = None) -> list[str]:
     return [c.get(n, n) for n in names]
 
 
-# ---- converters: one row (a dict) to a list of messages; raise ValueError with the reason --------
+# ---- converters: one row (a dict) to a list of messages; raise RowError with the reason ---------
+
+
+def _listish(value, name: str, shape: str) -> list:
+    """A list of turns; a JSON string holding one is read too (CSV files can only hold strings)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowError("malformed row", f"'{name}' is a string that is not valid JSON") from None
+    if value is None:
+        raise RowError("empty conversation", f"'{name}' is null")
+    if not isinstance(value, list):
+        raise RowError("malformed row", f"'{name}' is {type(value).__name__}, expected a list of {shape}")
+    return value
 
 
 def from_messages(row: dict, c: dict) -> list[dict]:
-    msgs = row[c.get("messages", "messages")]
-    if not isinstance(msgs, list):
-        raise ValueError(f"'messages' is {type(msgs).__name__}, expected a list of {{role, content}}")
+    name = c.get("messages", "messages")
     out = []
-    for i, m in enumerate(msgs):
+    for i, m in enumerate(_listish(row[name], name, "{role, content}")):
         if not isinstance(m, dict):
-            raise ValueError(f"message {i} is {type(m).__name__}, expected {{role, content}}")
+            raise RowError("malformed row", f"message {i} is {type(m).__name__}, expected {{role, content}}")
         out.append({"role": m.get("role"), "content": m.get("content")})
     return out
 
 
 def from_sharegpt(row: dict, c: dict) -> list[dict]:
-    turns = row[c.get("conversations", "conversations")]
-    if not isinstance(turns, list):
-        raise ValueError(f"'conversations' is {type(turns).__name__}, expected a list of {{from, value}}")
+    name = c.get("conversations", "conversations")
+    turns = _listish(row[name], name, "{from, value}")
     out = []
     system = row.get(c.get("system", "system"))
     if isinstance(system, str) and system.strip():
         out.append({"role": "system", "content": system})
     for i, t in enumerate(turns):
         if not isinstance(t, dict):
-            raise ValueError(f"turn {i} is {type(t).__name__}, expected {{from, value}}")
+            raise RowError("malformed row", f"turn {i} is {type(t).__name__}, expected {{from, value}}")
         speaker = t.get("from")
-        role = SHAREGPT_ROLES.get(str(speaker).lower()) if speaker is not None else None
+        if speaker is None:
+            raise RowError("missing role", f"turn {i} has no 'from' (the speaker)")
+        role = SHAREGPT_ROLES.get(str(speaker).lower())
         if role is None:
-            raise ValueError(f"turn {i} has unknown speaker 'from': {speaker!r} "
-                             f"(known: {', '.join(sorted(SHAREGPT_ROLES))})")
+            raise RowError("unknown role", f"turn {i} has unknown speaker 'from': {speaker!r} "
+                                           f"(known: {', '.join(sorted(SHAREGPT_ROLES))})")
         out.append({"role": role, "content": t.get("value")})
     return out
 
@@ -111,9 +128,12 @@ def from_alpaca(row: dict, c: dict) -> list[dict]:
     if isinstance(system, str) and system.strip():
         out.append({"role": "system", "content": system})
     history = row.get(c.get("history", "history")) or []
+    if not isinstance(history, list):
+        raise RowError("malformed row", f"'history' is {type(history).__name__}, expected a list of "
+                                        "[question, answer] pairs")
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise ValueError(f"history entry {i} is not a [question, answer] pair")
+            raise RowError("malformed row", f"history entry {i} is not a [question, answer] pair")
         out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     instruction = row.get(c.get("instruction", "instruction"))
     extra = row.get(c.get("input", "input"))
@@ -138,3 +158,20 @@ CONVERTERS = {
     "alpaca": from_alpaca,
     "prompt_completion": from_prompt_completion,
 }
+
+
+def to_canonical(row: dict, fmt: str, columns: dict):
+    """One row in format `fmt` to (value, None) when valid, or (None, Reason) when not; the value is
+    a list of messages, or a string for the text format."""
+    if fmt == "text":
+        value = row.get(columns.get("text", "text"))
+        reason = check_text(value)
+        return (None, reason) if reason else (value, None)
+    try:
+        messages = CONVERTERS[fmt](row, columns)
+    except RowError as e:
+        return None, Reason(e.kind, str(e))
+    except KeyError as e:
+        return None, Reason("malformed row", f"the row has no {e.args[0]!r} column")
+    reason = check_messages(messages)
+    return (None, reason) if reason else (messages, None)

@@ -1,28 +1,43 @@
-"""Where data comes from: a hub data set, a local directory laid out like one, or a local file.
+"""Where data comes from: a hub data set, a local directory laid out like one, or local files (one,
+several separated by commas, or a glob).
 
-Loading goes through `datasets`; this module only decides what to ask it for and turns its
-failures into messages that say what to do.
+Loading goes through `datasets`; this module decides what to ask it for, checks that each file is
+what its name says before it is read, and turns failures into messages that name the file and,
+for rows, the line (JSON Lines) or row index (JSON arrays, parquet, CSV, hub splits).
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import logging
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from chattune.data.validate import Reason
 from chattune.errors import DataError
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text.strip() else type(err).__name__
 
 
 def kind_of(source: str) -> str:
-    """'file', 'dir' or 'hub' (a name that is no local path and looks like owner/name)."""
+    """'file', 'files' (a comma-separated list or a glob), 'dir' or 'hub' (an owner/name id)."""
     p = Path(source).expanduser()
     if p.is_file():
         return "file"
     if p.is_dir():
         return "dir"
+    if "," in source or _GLOB.search(source):
+        return "files"
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or p.suffix.lower() in FILE_BUILDERS
     if looks_local or not _HUB_ID.match(source):
         raise DataError(f"data set not found: {source} is neither a local file or directory nor a hub id "
@@ -30,17 +45,181 @@ def kind_of(source: str) -> str:
     return "hub"
 
 
+def resolve_files(source: str) -> list[Path]:
+    """The files a file source names, in a stable order; each must exist and be of a known type."""
+    files: list[Path] = []
+    for entry in [s.strip() for s in source.split(",") if s.strip()] if not Path(source).exists() else [source]:
+        if _GLOB.search(entry) and not Path(entry).exists():
+            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(entry), recursive=True)
+                             if Path(m).is_file())
+            if not matches:
+                raise DataError(f"no file matches {entry}")
+            files += matches
+        else:
+            p = Path(entry).expanduser()
+            if not p.is_file():
+                raise DataError(f"data file not found: {entry}")
+            files.append(p)
+    for p in files:
+        if p.suffix.lower() not in FILE_BUILDERS:
+            raise DataError(f"{p}: unsupported file type '{p.suffix}'; use .json, .jsonl, .parquet or .csv")
+    return files
+
+
+def check_file(path: Path) -> None:
+    """Stop early, naming the file, when it is empty, binary where text is expected, or a parquet file
+    without its footer (truncated) or metadata."""
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path}: the file is empty")
+    with open(path, "rb") as f:
+        head = f.read(65536)
+        if path.suffix.lower() == ".parquet":
+            f.seek(max(0, size - 4))
+            tail = f.read(4)
+    if path.suffix.lower() == ".parquet":
+        if head[:4] != b"PAR1":
+            raise DataError(f"{path}: not a parquet file (it does not start with the PAR1 marker)")
+        if size < 12 or tail != b"PAR1":
+            raise DataError(f"{path}: truncated parquet file (the PAR1 footer is missing); copy or export it again")
+        import pyarrow.parquet as pq
+
+        try:
+            pq.ParquetFile(path)
+        except Exception as e:
+            raise DataError(f"{path}: the parquet metadata cannot be read ({_first_line(e)}); the file is "
+                            "damaged") from e
+        return
+    if head.startswith(b"\x1f\x8b"):
+        raise DataError(f"{path}: this is gzip-compressed data, not text; decompress it first")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: the file is UTF-16 encoded; save it as UTF-8")
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"{path}: binary data (a NUL byte at offset {nul}), not a {path.suffix} text file")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the end of the sample
+            raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8") from None
+    if not head.strip() and size <= len(head):
+        raise DataError(f"{path}: the file holds only whitespace")
+
+
+@dataclass
+class Part:
+    """One file (or one hub split) of a source, loaded by datasets (`dataset`) or, for a JSON file that
+    Arrow cannot read, parsed in Python: `rows` in file order (None for an entry that is not an
+    object), `where` each is, and `bad` {index: (Reason, raw text)} for the entries that failed."""
+
+    label: str
+    path: Path | None = None
+    dataset: object = None
+    rows: list | None = None
+    where: list | None = None
+    bad: dict = field(default_factory=dict)
+    _lines: list | None = None
+
+    @property
+    def jsonl(self) -> bool:
+        return self.path is not None and self.path.suffix.lower() == ".jsonl"
+
+    def locate(self, i: int) -> str:
+        """Where row i of this part is, for a person opening the file: 'FILE line N' or 'FILE row N'."""
+        if self.where is not None:
+            return f"{self.label} {self.where[i]}"
+        if self.jsonl or (self.path is not None and self._is_json_lines()):
+            if self._lines is None:  # rows are the non-blank lines, as Arrow's JSON reader counts them
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    self._lines = [n for n, line in enumerate(f, 1) if line.strip()]
+            if i < len(self._lines):
+                return f"{self.label} line {self._lines[i]}"
+        return f"{self.label} row {i}"
+
+    def _is_json_lines(self) -> bool:
+        if self.path.suffix.lower() != ".json":
+            return False
+        with open(self.path, "rb") as f:
+            return not f.read(4096).lstrip().startswith(b"[")
+
+    def raw(self, i: int):
+        if self.rows is not None:
+            return self.bad[i][1] if i in self.bad else self.rows[i]
+        return self.dataset[i]
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.dataset)
+
+
+def read_json_rows(path: Path) -> Part:
+    """A JSON array or JSON Lines file read line by line in Python: rows that parse, and for each line
+    that does not, its number and the parser's complaint."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    part = Part(label=str(path), path=path, rows=[], where=[])
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}. A .json file holds "
+                            "one JSON array of objects (or use JSON Lines, one object per line)") from None
+        for i, item in enumerate(items):
+            _add(part, f"row {i}", item, json.dumps(item, ensure_ascii=False)[:2000])
+        return part
+    # split on newlines only: str.splitlines would also split on U+2028 inside JSON strings
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            part.bad[len(part.rows)] = (Reason("invalid JSON", f"not valid JSON: {e.msg} (column {e.colno})"),
+                                        line[:2000])
+            item = None
+        _add(part, f"line {n}", item, line[:2000])
+    return part
+
+
+def _add(part: Part, where: str, item, raw: str) -> None:
+    if not isinstance(item, dict) and len(part.rows) not in part.bad:
+        part.bad[len(part.rows)] = (Reason("malformed row", f"a JSON {type(item).__name__}, expected an object "
+                                                            "with the format's columns"), raw)
+    part.rows.append(item if isinstance(item, dict) else None)
+    part.where.append(where)
+
+
+def _load_file(path: Path, builder: str) -> Part:
+    import datasets
+
+    check_file(path)
+    ds_log = datasets.utils.logging.get_logger("datasets")
+    level = ds_log.level
+    if builder == "json":  # its reader logs the Arrow error before raising; the diagnosis below says more
+        ds_log.setLevel(max(level, logging.CRITICAL))
+    try:
+        ds = datasets.load_dataset(builder, data_files={"train": [str(path)]}, split="train")
+        return Part(label=str(path), path=path, dataset=ds)
+    except Exception as e:  # datasets raises many types; a JSON file is diagnosed line by line below
+        if builder != "json":
+            raise DataError(f"{path}: could not be read as {builder} ({_first_line(e)})") from e
+    finally:
+        ds_log.setLevel(level)
+    part = read_json_rows(path)
+    if not part.rows:
+        raise DataError(f"{path}: no JSON objects in the file")
+    return part
+
+
 def _hub_failure(source: str, err: Exception) -> DataError:
     text = str(err)
     if any(s in text for s in ("offline", "Connection", "resolve", "Max retries", "Network", "connect")) \
             or os.environ.get("HF_HUB_OFFLINE") == "1":
         return DataError(f"could not load data set '{source}' from the Hugging Face hub (no network, and not in the "
-                         f"local cache): {text.splitlines()[0] if text else type(err).__name__}. Give a local "
-                         "directory or file with --dataset, or run once with network to fill the cache.")
+                         f"local cache): {_first_line(err)}. Give a local directory or file with --dataset, or run "
+                         "once with network to fill the cache.")
     if "doesn't exist" in text or "not found" in text.lower() or "404" in text:
         return DataError(f"data set '{source}' was not found on the hub; check the name (and that you are logged in "
                          "for private or gated sets)")
-    return DataError(f"could not load data set '{source}': {text.splitlines()[0] if text else type(err).__name__}")
+    return DataError(f"could not load data set '{source}': {_first_line(err)}")
 
 
 def _builder(source: str, kind: str, config_name: str | None, revision: str | None):
@@ -52,13 +231,13 @@ def _builder(source: str, kind: str, config_name: str | None, revision: str | No
     except Exception as e:  # datasets raises many types here; all mean the source is unusable
         if kind == "hub":
             raise _hub_failure(source, e) from e
-        raise DataError(f"{source}: not a data set directory datasets can read ({str(e).splitlines()[0]})") from e
+        raise DataError(f"{source}: not a data set directory datasets can read ({_first_line(e)})") from e
 
 
 def list_splits(source: str, config_name: str | None = None, revision: str | None = None) -> list[str]:
-    """The split names a source offers. A single file is one split, 'train'."""
+    """The split names a source offers. Local files are one split, 'train'."""
     kind = kind_of(source)
-    if kind == "file":
+    if kind in ("file", "files"):
         return ["train"]
     builder = _builder(source, kind, config_name, revision)
     if builder.info.splits:
@@ -66,43 +245,54 @@ def list_splits(source: str, config_name: str | None = None, revision: str | Non
     return list(getattr(builder.config, "data_files", None) or {})
 
 
-def _load_files(builder_name: str, files: list[str], split: str, where: str):
-    import datasets
-
-    try:
-        return datasets.load_dataset(builder_name, data_files={split: files}, split=split)
-    except Exception as e:
-        raise DataError(f"{where}: could not be read as {builder_name} ({str(e).splitlines()[0]})") from e
-
-
-def load_split(source: str, split: str, config_name: str | None = None, revision: str | None = None):
-    """Load one split as a `datasets.Dataset`; unknown splits name the ones available."""
-    import datasets
-
+def split_files(source: str, split: str, config_name: str | None = None, revision: str | None = None) -> list[Path]:
+    """The local files a split of a file or directory source is read from (used to fingerprint it)."""
     kind = kind_of(source)
-    if kind == "file":
-        path = Path(source).expanduser()
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .parquet or .csv")
+    if kind in ("file", "files"):
         if split != "train":
-            raise DataError(f"{path} is a single file, so its only split is 'train' (asked for '{split}'); "
-                            "use --eval-fraction to hold out evaluation rows")
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: the file is empty")
-        return _load_files(builder, [str(path)], "train", str(path))
+            raise DataError(f"{source} is one or more local files, so its only split is 'train' (asked for "
+                            f"'{split}'); use --eval-fraction to hold out evaluation rows")
+        return resolve_files(source)
     if kind == "dir":
-        # Load the split's own files with explicit data_files: datasets caches a directory by its name and
-        # README alone, so two directories called 'data' (or an edited one) would share a stale cache.
+        # the split's own files, read with explicit data_files: datasets caches a directory by its name and
+        # README alone, so two directories called 'data' (or an edited one) would share a stale cache
         builder = _builder(source, kind, config_name, revision)
         files = dict(getattr(builder.config, "data_files", None) or {})
         if split not in files:
             raise DataError(f"split '{split}' not found in {source}; available splits: {', '.join(files) or 'none'}")
-        return _load_files(builder.name, list(files[split]), split, f"{source} [{split}]")
+        paths = [Path(f) for f in files[split]]
+        for p in paths:
+            if p.suffix.lower() not in FILE_BUILDERS:
+                raise DataError(f"{p}: unsupported file type '{p.suffix}' in {source}; use .json, .jsonl, .parquet "
+                                "or .csv")
+        return paths
+    return []
+
+
+def load_parts(source: str, split: str, config_name: str | None = None, revision: str | None = None) -> list[Part]:
+    """A split as parts, one per file (so problems name their file), or one for a hub split."""
+    import datasets
+
+    if kind_of(source) != "hub":
+        return [_load_file(p, FILE_BUILDERS[p.suffix.lower()]) for p in split_files(source, split, config_name,
+                                                                                      revision)]
     available = list_splits(source, config_name, revision)
     if split not in available:
         raise DataError(f"split '{split}' not found in {source}; available splits: {', '.join(available) or 'none'}")
     try:
-        return datasets.load_dataset(source, name=config_name, split=split, revision=revision)
+        ds = datasets.load_dataset(source, name=config_name, split=split, revision=revision)
     except Exception as e:
         raise _hub_failure(source, e) from e
+    return [Part(label=f"{source} [{split}]", dataset=ds)]
+
+
+def load_split(source: str, split: str, config_name: str | None = None, revision: str | None = None):
+    """One split as a single `datasets.Dataset` (files must share their columns)."""
+    import datasets
+
+    parts = load_parts(source, split, config_name, revision)
+    if any(p.dataset is None for p in parts):
+        bad = next(p for p in parts if p.dataset is None)
+        raise DataError(f"{bad.label}: Arrow cannot read this JSON file as one table; check it with "
+                        "`chattune data validate`")
+    return parts[0].dataset if len(parts) == 1 else datasets.concatenate_datasets([p.dataset for p in parts])

@@ -1,0 +1,196 @@
+"""`chattune data inspect` and `chattune data validate`: what a data set holds and what the model
+would be trained on, before any training.
+
+Token statistics use the model's tokenizer and chat template exactly as training does; an example
+conversation is shown token by token with the tokens that carry loss marked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+
+from chattune.tokenize import IGNORE, encode_conversations, encode_texts
+
+PERCENTILES = (50, 90, 95, 99)
+GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
+
+
+def _pick(split_name: str, train, evaluation):
+    if split_name == "eval":
+        if evaluation is None:
+            from chattune.errors import DataError
+
+            raise DataError("this data set has no evaluation split: give --eval-split or --eval-fraction")
+        return evaluation
+    return train
+
+
+def _turn_stats(ds, fmt: str) -> dict:
+    if fmt == "text":
+        return {}
+    table = ds.with_format("arrow")[:]
+    col = table.column("messages")
+    lengths = np.concatenate([c.value_lengths().to_numpy(zero_copy_only=False) for c in col.chunks]) \
+        if col.num_chunks else np.zeros(0)
+    roles = Counter()
+    for chunk in col.chunks:
+        roles.update(dict(zip(*np.unique(chunk.flatten().field("role").to_numpy(zero_copy_only=False),
+                                         return_counts=True))))
+    return {"messages_per_conversation": {"mean": round(float(lengths.mean()), 2), "min": int(lengths.min()),
+                                          "max": int(lengths.max())},
+            "roles": {str(k): int(v) for k, v in sorted(roles.items())}}
+
+
+def _sample_indices(n: int, sample: int | None, seed: int) -> np.ndarray:
+    if not sample or sample >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:sample])
+
+
+def token_stats(ds, fmt: str, tokenizer, max_length: int, sample: int | None, seed: int = 0) -> dict:
+    """Full token lengths (no truncation) over a sample, and what max_length would cut away."""
+    idx = _sample_indices(len(ds), sample, seed)
+    lengths, lost, loss_total, cut, emptied = [], 0, 0, 0, 0
+    for start in range(0, len(idx), 512):
+        rows = ds.select(idx[start:start + 512])[:]
+        enc = encode_texts(tokenizer, rows["text"]) if fmt == "text" else encode_conversations(tokenizer,
+                                                                                            rows["messages"])
+        for labels in enc["labels"]:
+            lab = np.asarray(labels)
+            loss = lab != IGNORE
+            lengths.append(len(lab))
+            loss_total += int(loss.sum())
+            if len(lab) > max_length:
+                cut += 1
+                lost += int(loss[max_length:].sum())
+                emptied += int(not loss[:max_length].any())
+    arr = np.asarray(lengths)
+    return {
+        "sampled": int(len(idx)),
+        "tokens": {"mean": round(float(arr.mean()), 1), "max": int(arr.max()),
+                   **{f"p{p}": int(np.percentile(arr, p)) for p in PERCENTILES}},
+        "truncation": {"max_length": max_length, "conversations_cut": cut, "conversations_cut_share": cut / len(arr),
+                       "assistant_tokens_lost": lost, "assistant_tokens_lost_share": lost / max(loss_total, 1),
+                       "conversations_left_without_loss": emptied},
+    }
+
+
+def example(ds, fmt: str, tokenizer, index: int, max_length: int) -> dict:
+    """One conversation as the model sees it: text, tokens, ids and the loss mask (1 = trained on)."""
+    from chattune.template import render_with_spans
+
+    if not 0 <= index < len(ds):
+        from chattune.errors import ChattuneError
+
+        raise ChattuneError(f"--example {index} is out of range: the split has {len(ds)} rows")
+    row = ds[index]
+    if fmt == "text":
+        text = row["text"]
+        enc = encode_texts(tokenizer, [text])
+    else:
+        text = render_with_spans(tokenizer, [row["messages"]])[0][0]
+        enc = encode_conversations(tokenizer, [row["messages"]])
+    ids = enc["input_ids"][0]
+    ends = [b for _, b in tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).offsets]
+    # each token shown with the text since the previous one ended, so the pieces join to the whole text
+    pieces = [text[a:b] for a, b in zip([0] + ends[:-1], ends)] + [tokenizer.decode(t) for t in ids[len(ends):]]
+    return {"index": index, "text": text, "ids": ids, "tokens": pieces,
+            "loss_mask": [int(x != IGNORE) for x in enc["labels"][0]], "max_length": max_length}
+
+
+def inspect_data(cfg, tokenizer, max_length: int, split: str = "train", sample: int | None = 2000,
+                 index: int = 0) -> dict:
+    from chattune.data.mixture import load_training_data
+
+    train, evaluation = load_training_data(cfg)
+    loaded = _pick(split, train, evaluation)
+    ds, fmt = loaded.dataset, loaded.format
+    kind = "text" if fmt == "text" else "messages"
+    return {"data": loaded.name, "split": split, "format": fmt, "rows": len(ds),
+            "rejected": len(loaded.rejected), "chat_template": _template_name(tokenizer),
+            **_turn_stats(ds, kind), **token_stats(ds, kind, tokenizer, max_length, sample, cfg.train.seed),
+            "example": example(ds, kind, tokenizer, index, max_length)}
+
+
+def _template_name(tokenizer) -> str:
+    from chattune.template import is_chattune_template
+
+    return "chattune" if is_chattune_template(tokenizer.chat_template) else "model"
+
+
+def _use_colour() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def render_example(ex: dict, colour: bool) -> str:
+    """Tokens with loss in bold green (or inside ⟦ ⟧ without colour); a bar marks the max-length cut."""
+    out, inside = [], False
+    for i, (piece, m) in enumerate(zip(ex["tokens"], ex["loss_mask"])):
+        if i == ex["max_length"]:
+            out.append(("\033[0m" if colour else "⟧" if inside else "") + "▌[cut at max length]▐")
+            inside = False
+        if colour:
+            out.append((GREEN if m else DIM) + piece + RESET)
+        else:
+            if m and not inside:
+                out.append("⟦")
+            elif not m and inside:
+                out.append("⟧")
+            inside = bool(m)
+            out.append(piece)
+    if inside and not colour:
+        out.append("⟧")
+    return "".join(out)
+
+
+def format_inspect(r: dict, colour: bool | None = None) -> str:
+    colour = _use_colour() if colour is None else colour
+    t, tr = r["tokens"], r["truncation"]
+    lines = [f"{r['data']}: {r['rows']} conversations, format {r['format']}"
+             + (f", {r['rejected']} invalid rows skipped" if r["rejected"] else "")]
+    if "roles" in r:
+        m = r["messages_per_conversation"]
+        lines.append(f"messages per conversation: mean {m['mean']}, min {m['min']}, max {m['max']}")
+        lines.append("roles: " + ", ".join(f"{k} {v}" for k, v in r["roles"].items()))
+    sampled = "" if r["sampled"] == r["rows"] else f" (a sample of {r['sampled']})"
+    lines.append(f"tokens per conversation{sampled}, {r['chat_template']} template: "
+                 + ", ".join(f"{k} {t[k]}" for k in ("mean", *[f"p{p}" for p in PERCENTILES], "max")))
+    lines.append(f"--max-length {tr['max_length']}: cuts {tr['conversations_cut']} conversations "
+                 f"({tr['conversations_cut_share']:.1%}) and {tr['assistant_tokens_lost_share']:.1%} of assistant "
+                 f"tokens; {tr['conversations_left_without_loss']} would keep no assistant token (dropped)")
+    ex = r["example"]
+    legend = "trained-on tokens in green" if colour else "trained-on tokens inside ⟦ ⟧"
+    lines += ["", f"example {ex['index']} ({len(ex['ids'])} tokens, {sum(ex['loss_mask'])} trained on; {legend}):",
+              render_example(ex, colour)]
+    return "\n".join(lines)
+
+
+def validate_data(cfg) -> dict:
+    """Every check training runs on its data, without a model: per split the valid and invalid row
+    counts, and the problems by kind (an unusable source raises, as training would)."""
+    from chattune.data import report
+    from chattune.data.mixture import load_training_data
+
+    cfg.data.skip_invalid = True  # collect every problem instead of stopping at the first split
+    splits = [s for s in load_training_data(cfg) if s is not None]
+    problems = [p for s in splits for p in s.rejected]
+    result = {"ok": not problems,
+              "splits": [{"name": s.name, "format": s.format, "valid": len(s.dataset), "invalid": len(s.rejected)}
+                         for s in splits],
+              "problems": dict(Counter(p.reason.kind for p in problems).most_common()),
+              "first": [{"where": p.where, "kind": p.reason.kind, "reason": str(p.reason)} for p in problems[:20]]}
+    if problems:
+        valid = sum(x["valid"] for x in result["splits"])
+        result["report"] = report(" + ".join(s.name for s in splits if s.rejected), problems, valid + len(problems),
+                                  valid)
+    return result
+
+
+def format_validate(r: dict) -> str:
+    lines = [f"{s['name']}: {s['valid']} valid conversations, format {s['format']}"
+             + (f", {s['invalid']} invalid" if s["invalid"] else "") for s in r["splits"]]
+    return "\n".join(lines + ([r["report"]] if not r["ok"] else ["no problems found"]))
