@@ -64,8 +64,39 @@ def build(work: Path, n_rows: int, vocab: int, shape: dict, seed: int = 0) -> tu
     return data, model_dir
 
 
+class StepProfiler:
+    """A TrainerCallback (duck-typed) that profiles optimizer steps [start, start + n) and writes the tables."""
+
+    def __init__(self, path: Path, start: int = 10, n: int = 3):
+        self.path, self.start, self.n, self.prof = path, start, n, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.start and self.prof is None:
+            import torch
+
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                            if torch.cuda.is_available() else [])
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof and state.global_step == self.start + self.n:
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages()
+            text = [f"{self.n} optimizer steps from step {self.start}"]
+            for key in ("cpu_time_total", "self_cpu_time_total", "self_device_time_total"):
+                text.append(f"\n== sorted by {key}\n" + table.table(sort_by=key, row_limit=30, max_name_column_width=70))
+            self.path.write_text("\n".join(text))
+            self.prof = False
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
 def run(data: Path, model_dir: Path, out: Path, batch: int, accum: int, steps: int, warmup: int, budget_s: float,
-        max_length: int) -> dict:
+        max_length: int, profile: Path | None = None) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
@@ -82,6 +113,10 @@ def run(data: Path, model_dir: Path, out: Path, batch: int, accum: int, steps: i
              for i, lab in zip(rows["input_ids"], rows["labels"])}
     meter = measure.Meter(table, budget_s, warmup, min_measured=1)
     measure.install(meter)
+    if profile is not None:
+        import transformers.trainer
+
+        transformers.trainer.DEFAULT_CALLBACKS.append(StepProfiler(profile))
     cfg = Config()
     cfg.model.name, cfg.data.dataset, cfg.data.max_length = str(model_dir), str(data), max_length
     cfg.data.train_split = "train_gen"
@@ -95,7 +130,8 @@ def run(data: Path, model_dir: Path, out: Path, batch: int, accum: int, steps: i
     finally:
         import transformers.trainer
 
-        transformers.trainer.DEFAULT_CALLBACKS.remove(meter)
+        transformers.trainer.DEFAULT_CALLBACKS[:] = [c for c in transformers.trainer.DEFAULT_CALLBACKS
+                                                     if c is not meter and not isinstance(c, StepProfiler)]
     return meter.finish()
 
 
@@ -104,6 +140,8 @@ def main(argv=None) -> dict:
     p.add_argument("--smoke", action="store_true", help="tiny model, data and step counts (runs on a CPU)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per layout")
     p.add_argument("--layouts", default="4x4,16x1", help="per-device batch x accumulation (16 conversations a step)")
+    p.add_argument("--profile", action="store_true", help="also profile 3 optimizer steps of each layout "
+                                                          "(tables next to --out; those steps run slower: for diagnosis, not figures)")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if its name is not in the table")
     # on the device machine only files under $OUT come back
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
@@ -134,7 +172,10 @@ def main(argv=None) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            r = run(data, model_dir, Path(tmp) / f"out-{layout}", batch, accum, args.steps, warmup, 150.0, max_length)
+            prof = args.out.parent / f"profile-{layout}.txt" if args.profile else None
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            r = run(data, model_dir, Path(tmp) / f"out-{layout}", batch, accum, args.steps, warmup, 150.0, max_length,
+                    prof)
             share = r["assistant_tokens"] / max(1, r["real_tokens"])
             fpt = measure.flops_per_token({**shape, "vocab_size": vocab + 2}, r["token_weighted_row_length"] or 0,
                                           share)

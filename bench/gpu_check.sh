@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (bench/gpu_check.py) with the wheels it needs on a machine that has torch,
-# transformers, peft and accelerate but not TRL or datasets.
+# The GPU check (bench/gpu_check.py) with the wheels it needs on a machine that has torch, peft,
+# accelerate, pandas and xxhash but not TRL or datasets, and an older transformers than chattune needs.
 #
-#   bash bench/gpu_check.sh wheels   # here, with network to PyPI: fill .whl/ (git-ignored, ~51 MiB)
+#   bash bench/gpu_check.sh wheels   # here, with network to PyPI: fill .whl/ (git-ignored, ~53 MiB)
 #   bash bench/gpu_check.sh          # on the GPU machine, from the repository root (carry .whl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,8 +10,7 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "wheels" ]]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    trl==1.16.0 datasets==5.2.0 pyarrow==26.0.1 pandas==3.1.1 python-dateutil==4.0.0 six dill==0.4.1 \
-    multiprocess==0.70.19 xxhash==4.1.0
+    trl==1.16.0 datasets==5.2.0 transformers==5.24.0 pyarrow==26.0.1 dill==0.4.1 multiprocess==0.70.19
   # pyarrow's Flight and Substrait libraries, headers and tests are not used by datasets; without them the
   # wheels fit the 64 MiB that travels to the GPU machine
   python3 - <<'EOF'
@@ -33,6 +32,8 @@ EOF
   exit 0
 fi
 
+rm -rf /tmp/site  # a warm machine may hold an earlier set
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:src
+python3 -c "import torch, transformers, trl, datasets, peft, accelerate as a; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__, 'peft', peft.__version__, 'accelerate', a.__version__)"
 python3 bench/gpu_check.py "$@"

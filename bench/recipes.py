@@ -12,7 +12,8 @@
   16 conversations, and gpt2's missing chat template supplied: the tokenizer and resized model
   chattune prepares (its ChatML template), so TRL and chattune train on identical tokens.
 - chattune: `chattune.train.run_train` with its defaults, given the data, max length, batch 4 x
-  accumulation 4 and the max_steps bound; chattune-attn0: the same with --attention-dropout 0.
+  accumulation 4 and the max_steps bound; chattune-attn-dropout: the same with gpt2's own attention
+  dropout (0.1) instead of chattune's default 0.
 
 Every recipe then scores held-out conversations in the format it trained on (see heldout_rows).
 """
@@ -155,7 +156,7 @@ def run_trl(spec: dict, meter: measure.Meter):
     return trainer.train, (lambda: trainer.model), heldout, tokenizer.pad_token_id
 
 
-def run_chattune(spec: dict, meter: measure.Meter, attention_dropout: float | None = None):
+def run_chattune(spec: dict, meter: measure.Meter, attention_dropout: float | None = 0.0):
     from chattune.config import Config, validate
     from chattune.tokenize import encode_conversations
     from chattune.train import run_train
@@ -175,8 +176,8 @@ def run_chattune(spec: dict, meter: measure.Meter, attention_dropout: float | No
 
 
 RECIPES = {"tutorial": run_tutorial, "trl": run_trl, "chattune": run_chattune,
-           # not a default: chattune with --attention-dropout 0 (gpt2's 0.1 forces SDPA's unfused path on a CPU)
-           "chattune-attn0": lambda spec, meter: run_chattune(spec, meter, attention_dropout=0.0)}
+           # chattune with the model's own attention dropout (gpt2: 0.1), which sends SDPA to its unfused path
+           "chattune-attn-dropout": lambda spec, meter: run_chattune(spec, meter, attention_dropout=None)}
 
 
 def main(recipe: str, spec_file: str, result_file: str) -> None:

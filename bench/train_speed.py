@@ -38,7 +38,7 @@ PLANS = {
     "quick": {"budget_s": 12, "warmup": 1, "min_measured": 1, "reps": 1, "n_train": 96, "n_heldout": 8},
 }
 RECIPES = ("tutorial", "trl", "chattune")
-ALL_RECIPES = RECIPES + ("chattune-attn0",)  # --recipes can add chattune with --attention-dropout 0
+ALL_RECIPES = RECIPES + ("chattune-attn-dropout",)  # --recipes can add chattune with gpt2's attention dropout
 
 
 def log(msg: str) -> None:

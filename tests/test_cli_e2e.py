@@ -47,6 +47,9 @@ def test_output_is_a_complete_model_directory(trained):
                  "tokenizer_config.json", "chattune.yaml", "metrics.jsonl", "train.log"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin")) or all(p.name == "training_args.bin" for p in out.glob("*.bin"))
+    # a checkpoint was written, and TRL's card with it was not (it names no base model for a local path)
+    assert list(out.glob("checkpoint-*")), sorted(p.name for p in out.iterdir())
+    assert not (out / "README.md").exists()
 
 
 def test_output_loads_marks_assistant_turns_and_generates(trained):

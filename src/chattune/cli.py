@@ -41,7 +41,9 @@ def _quickstart(args) -> int:
 
 def _add_quickstart(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="quickstart-out", help="where to build and train (default: quickstart-out)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1100)")
+    from chattune.quickstart import DEFAULT_STEPS
+
+    p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_STEPS})")
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:

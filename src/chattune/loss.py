@@ -140,15 +140,19 @@ def install_selective_head(model) -> None:
             return original(*args, **kwargs)
         kwargs["use_cache"] = False
         backbone = getattr(self, self.base_model_prefix)
-        hidden = backbone(*args, **kwargs).last_hidden_state[:, :-1]
+        hidden = backbone(*args, **kwargs).last_hidden_state
         targets = selective_labels[:, 1:]
         mask = targets != IGNORE
         head = self.get_output_embeddings()
-        h, y = hidden[mask], targets[mask]
-        loss_sum = linear_cross_entropy_sum(h, head.weight, head.bias, y)
+        # gathered by position: boolean indexing would search the mask again in backward, and on a GPU
+        # every such search makes the host wait for the device
+        rows, cols = mask.nonzero(as_tuple=True)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows * hidden.shape[1] + cols)
+        y = targets[rows, cols]
+        loss_sum = linear_cross_entropy_sum(h, head.weight, getattr(head, "bias", None), y)
         out = {"loss_sum": loss_sum, "n_tokens": mask.sum()}
         if with_accuracy:
-            out["n_correct"] = (linear_argmax(h.detach(), head.weight, head.bias) == y).sum()
+            out["n_correct"] = (linear_argmax(h.detach(), head.weight, getattr(head, "bias", None)) == y).sum()
         return out
 
     model.forward = types.MethodType(forward, model)

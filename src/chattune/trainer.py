@@ -72,6 +72,11 @@ class ChattuneTrainer(AtomicCheckpoints, SFTTrainer):
                 callback.observe_loss(loss)
         return loss
 
+    def create_model_card(self, *args, **kwargs):
+        # TRL writes OUTPUT/README.md at every checkpoint, naming no base model for a local path;
+        # `chattune push` writes the card from the run's own report instead (publish.build_card)
+        return None
+
     def _get_train_sampler(self, train_dataset=None):
         # grouped over the global batch, in an order fixed by (seed, epoch): N processes train on the
         # same batches as one process with the same global batch, and a resumed run as an uninterrupted one
