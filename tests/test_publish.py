@@ -83,3 +83,23 @@ def test_push_without_network_fails_with_one_line(trained_dir, monkeypatch, caps
     # offline (as here) the hub cannot be reached; online, the made-up token is rejected: one line either way
     assert err.startswith(("error: cannot reach the Hugging Face hub", "error: the Hugging Face hub rejected"))
     assert SECRET not in captured.out + captured.err
+
+
+def test_card_of_a_mixed_run_names_every_source_and_keeps_local_paths_home(tmp_path):
+    from chattune.publish import _path_replacements, build_card
+
+    local = tmp_path / "data" / "my-chats"
+    run = tmp_path / "run"
+    run.mkdir()
+    mix = [{"dataset": "HuggingFaceH4/ultrachat_200k", "split": "train_gen", "samples": 100},
+           {"dataset": str(local), "fraction": 0.5}]
+    (run / "chattune.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": "gpt2"}, "data": {"dataset": None, "datasets": mix, "train_split": "train"},
+         "train": {"output_dir": str(run), "lr": 2e-5}}))
+    card = build_card(run, "someone/mixed")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["datasets"] == ["HuggingFaceH4/ultrachat_200k"]
+    assert "ultrachat_200k" in card and "split `train_gen`" in card
+    assert "`my-chats` (a local data set) (split `train`)" in card
+    assert "None" not in card and str(tmp_path) not in card
+    assert (str(local), "my-chats") in _path_replacements(run)

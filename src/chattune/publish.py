@@ -57,6 +57,14 @@ def _describe(name, kind: str = "model") -> str:
     return f"`{Path(str(name)).name}` (a {what})" if name else "unknown"
 
 
+def _training_sources(d: dict) -> list[tuple[str, str | None]]:
+    """(data set, training split) of each source in a saved config: --dataset, or every entry of a mix."""
+    if d.get("dataset"):
+        return [(d["dataset"], d.get("train_split"))]
+    return [(e["dataset"], e.get("split") or d.get("train_split")) for e in d.get("datasets") or []
+            if isinstance(e, dict) and e.get("dataset")]
+
+
 def build_card(model_dir: Path, repo_id: str) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -65,21 +73,27 @@ def build_card(model_dir: Path, repo_id: str) -> str:
         cfg = yaml.safe_load((model_dir / "chattune.yaml").read_text()) or {}
     results = json.loads((model_dir / "results.json").read_text()) if (model_dir / "results.json").is_file() else {}
     m, d, t = cfg.get("model") or {}, cfg.get("data") or {}, cfg.get("train") or {}
-    base, dataset = m.get("name"), d.get("dataset")
+    base, sources = m.get("name"), _training_sources(d)
+    hub_sets = [h for h in dict.fromkeys(_hub_id(name) for name, _ in sources) if h]
     adapter = (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file()
     data = ModelCardData(library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
-                         base_model=_hub_id(base), datasets=[_hub_id(dataset)] if _hub_id(dataset) else None,
+                         base_model=_hub_id(base), datasets=hub_sets or None,
                          tags=["chattune", "trl", "sft", "conversational"] + (["lora"] if adapter else []))
     name = repo_id.split("/")[-1]
-    ds_text = _describe(dataset, "dataset")
+    ds_text = (_describe(sources[0][0], "dataset") if len(sources) == 1 else
+               "a mix of " + ", ".join(f"{_describe(n, 'dataset')} (split `{sp}`)" for n, sp in sources)
+               if sources else "unknown")
     lines = [f"# {name}", "",
              f"A chat model fine-tuned with chattune from {_describe(base)} on "
              f"{ds_text}. Loss was computed on assistant replies only (each with its end-of-turn "
              "token), so the model learns to answer and to stop.", "", "## Training data", ""]
-    if dataset:
-        splits = f"trained on split `{d.get('train_split')}`" + (f", evaluated on `{d['eval_split']}`"
-                                                                 if d.get("eval_split") else "")
-        lines.append(f"Data set: {ds_text}, {splits}.")
+    if sources:
+        if len(sources) == 1:
+            splits = f"trained on split `{sources[0][1]}`" + (f", evaluated on `{d['eval_split']}`"
+                                                              if d.get("eval_split") else "")
+            lines.append(f"Data set: {ds_text}, {splits}.")
+        else:
+            lines.append(f"Data: {ds_text}.")
         stats = results.get("data") or {}
         for key in ("train", "eval"):
             s = stats.get(key)
@@ -167,7 +181,8 @@ def _path_replacements(model_dir: Path) -> list[tuple[str, str]]:
     if (model_dir / "chattune.yaml").is_file():
         cfg = yaml.safe_load((model_dir / "chattune.yaml").read_text()) or {}
     values = [(cfg.get("model") or {}).get("name"), (cfg.get("model") or {}).get("chat_template"),
-              (cfg.get("data") or {}).get("dataset"), (cfg.get("train") or {}).get("output_dir"), str(model_dir)]
+              *(name for name, _ in _training_sources(cfg.get("data") or {})),
+              (cfg.get("train") or {}).get("output_dir"), str(model_dir)]
     pairs = {}
     for v in values:
         if isinstance(v, str) and v and not _hub_id(v) and Path(v).name:

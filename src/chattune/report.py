@@ -15,6 +15,8 @@ import logging
 import re
 from pathlib import Path
 
+from chattune.data.mixture import sources
+
 log = logging.getLogger("chattune")
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
@@ -230,7 +232,8 @@ def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Pat
         lines += [f"![{alt}]({path})", ""]
     if not plots:
         lines += ["_No training metrics were logged, so there are no curves._", ""]
-    summary = (f"Fine-tuned `{cfg.model.name}` on `{cfg.data.dataset}` (split `{cfg.data.train_split}`) for "
+    data = ", ".join(f"`{s.dataset}` (split `{s.split}`)" for s in sources(cfg.data))
+    summary = (f"Fine-tuned `{cfg.model.name}` on {data} for "
                f"{train[-1]['step'] if train else '?'} optimizer steps on {results.get('device', '?')} in "
                f"{results.get('precision', '?')}.")
     if final and baseline:
