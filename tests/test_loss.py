@@ -78,3 +78,53 @@ def test_plain_forward_is_unchanged_for_generation():
     install_selective_head(model)
     after = model(input_ids=ids, attention_mask=attn).logits
     torch.testing.assert_close(before, after)
+
+
+def _peft_model(**lora_kw):
+    from peft import LoraConfig, get_peft_model
+
+    model, ids, attn, labels = _model_and_batch(seed=3)
+    new_rows = [95, 96]  # the rows of tokens a chat template adds, trained next to LoRA (tied embeddings)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **lora_kw)
+    if "target_modules" not in lora_kw:
+        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"],
+                         trainable_token_indices={"wte": new_rows})
+    peft_model = get_peft_model(model, cfg)
+    for name, p in peft_model.named_parameters():  # LoRA B starts at zero; move it so the check means something
+        if "lora_B" in name or "trainable_tokens_delta" in name:
+            with torch.no_grad():
+                p.add_(0.1 * torch.randn_like(p))
+    labels[0, 6], labels[2, 10] = 95, 96  # the added tokens are targets too
+    return peft_model, ids, attn, labels
+
+
+def test_lora_with_trainable_token_rows_keeps_the_selective_head_exact():
+    from chattune.loss import fast_loss_supported
+
+    peft_model, ids, attn, labels = _peft_model()
+    base = peft_model.get_base_model()
+    assert type(base.get_output_embeddings()).__name__ == "TrainableTokensWrapper"
+    assert fast_loss_supported(peft_model)
+    ref, n_ref, _ = full_logits_loss_sum(peft_model, ids, attn, labels)
+    (ref / n_ref).backward()
+    ref_grads = _grads(peft_model)
+    peft_model.zero_grad()
+    install_selective_head(base)
+    out = peft_model(input_ids=ids, attention_mask=attn, selective_labels=labels)
+    (out["loss_sum"] / out["n_tokens"]).backward()
+    torch.testing.assert_close(out["loss_sum"], ref, atol=1e-5, rtol=1e-5)
+    grads = _grads(peft_model)
+    assert grads.keys() == ref_grads.keys() and any("trainable_tokens_delta" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_lora_adapted_head_is_not_taken_for_a_plain_one():
+    from chattune.loss import fast_loss_supported
+
+    peft_model, ids, attn, labels = _peft_model(target_modules=["c_attn", "lm_head"])
+    assert not fast_loss_supported(peft_model)
+    ref, _, _ = full_logits_loss_sum(peft_model, ids, attn, labels)
+    install_selective_head(peft_model.get_base_model())  # even installed, it runs the head's own forward
+    out = peft_model(input_ids=ids, attention_mask=attn, selective_labels=labels)
+    torch.testing.assert_close(out["loss_sum"], ref, atol=1e-5, rtol=1e-5)

@@ -114,14 +114,31 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def head_parts(head):
+    """(weight, bias) that `head` multiplies hidden states by, or None if it does more than that.
+
+    A PEFT trainable-tokens wrapper (the rows of tokens chattune adds, trained next to LoRA on a
+    model with tied embeddings) multiplies by the base weight with its trained rows swapped in.
+    Anything else must be exactly nn.Linear: a LoRA or quantized subclass changes the product.
+    """
+    adapter = getattr(head, "token_adapter", None)
+    if adapter is not None and type(getattr(adapter, "base_layer", None)) is torch.nn.Linear:
+        base = adapter.base_layer
+        if adapter.disable_adapters or adapter.merged or not adapter.active_adapters:
+            return base.weight, base.bias
+        return adapter.get_merged_weights(adapter.active_adapters), base.bias
+    if type(head) is torch.nn.Linear:
+        return head.weight, head.bias
+    return None
+
+
 def fast_loss_supported(model) -> bool:
     """Our head is a plain linear layer; models that scale or cap logits use their own loss."""
     cfg = _unwrap(model).config.get_text_config()
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             return False
-    head = _unwrap(model).get_output_embeddings()
-    return isinstance(head, torch.nn.Linear) or type(head).__name__ == "Linear"
+    return head_parts(_unwrap(model).get_output_embeddings()) is not None
 
 
 def install_selective_head(model) -> None:
@@ -149,10 +166,17 @@ def install_selective_head(model) -> None:
         rows, cols = mask.nonzero(as_tuple=True)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows * hidden.shape[1] + cols)
         y = targets[rows, cols]
-        loss_sum = linear_cross_entropy_sum(h, head.weight, getattr(head, "bias", None), y)
-        out = {"loss_sum": loss_sum, "n_tokens": mask.sum()}
+        parts = head_parts(head)
+        if parts is None:  # a head wrapped after install (e.g. sharded): its own forward, on loss rows only
+            logits = head(h).float()
+            out = {"loss_sum": torch.nn.functional.cross_entropy(logits, y, reduction="sum"), "n_tokens": mask.sum()}
+            if with_accuracy:
+                out["n_correct"] = (logits.detach().argmax(-1) == y).sum()
+            return out
+        weight, bias = parts
+        out = {"loss_sum": linear_cross_entropy_sum(h, weight, bias, y), "n_tokens": mask.sum()}
         if with_accuracy:
-            out["n_correct"] = (linear_argmax(h.detach(), head.weight, getattr(head, "bias", None)) == y).sum()
+            out["n_correct"] = (linear_argmax(h.detach(), weight.detach(), bias) == y).sum()
         return out
 
     model.forward = types.MethodType(forward, model)
