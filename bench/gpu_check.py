@@ -9,7 +9,7 @@ GPT-2's vocabulary size, builds a randomly initialised GPT-2 124M locally, and r
 TF32, fused AdamW: what chattune picks on CUDA) for a bounded number of steps, once per batch
 layout. Timing comes from measure.Meter, as in train_speed.py, with the GPU synchronised at the
 window's ends. MFU is against the card's dense bf16 peak (looked up from its name; --peak-tflops
-overrides). Finishes in about 4 minutes on an H100.
+overrides). The default run took 51 s on an H200, data and model building included.
 """
 
 from __future__ import annotations

@@ -177,6 +177,8 @@ def test_mixture_with_counts_and_fractions_is_deterministic(tmp_path, three_file
     assert len(train.dataset) == 25 and evaluation is None
     assert train.format == "messages+sharegpt"
     assert train.dataset["messages"] == again.dataset["messages"]
+    # the ultrachat layout's prompt and prompt_id columns are named for the log, through the mix too
+    assert {"prompt", "prompt_id"} <= set(train.info["ignored_columns"])
     cfg.train.seed = 7
     other, _ = load_training_data(cfg)
     assert other.dataset["messages"] != train.dataset["messages"]

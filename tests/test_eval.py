@@ -99,3 +99,23 @@ def test_other_data_set_without_split_names_the_splits(trained_dir, ultrachat_di
     assert main(["eval", str(trained_dir), "--dataset", str(other)]) == 2
     err = capsys.readouterr().err
     assert "give --split" in err and "test_gen" in err
+
+
+def test_default_eval_data_of_a_mixed_run_is_the_rows_training_held_out(ultrachat_dir, tmp_path):
+    import yaml
+
+    from chattune.config import Config, validate
+    from chattune.data.mixture import load_training_data
+    from chattune.evaluate import _eval_data
+
+    cfg = Config()
+    cfg.model.name, cfg.train.output_dir = "gpt2", str(tmp_path)
+    cfg.data.datasets = [{"dataset": str(ultrachat_dir), "split": "train_gen", "samples": 30},
+                         {"dataset": str(ultrachat_dir), "split": "test_gen", "fraction": 0.5}]
+    cfg.data.eval_fraction = 0.25
+    validate(cfg).save(tmp_path)
+    _, held = load_training_data(cfg)
+    got = _eval_data(tmp_path, None, None, None, None, None)
+    assert len(held.dataset) > 0 and got.dataset["messages"] == held.dataset["messages"]
+    assert len(_eval_data(tmp_path, None, None, None, None, 2).dataset) == 2
+    assert yaml.safe_load((tmp_path / "chattune.yaml").read_text())["data"]["datasets"]

@@ -248,9 +248,10 @@ def _setup_logging(debug: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
         warnings.filterwarnings("ignore")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
+        # transformers reads TRANSFORMERS_VERBOSITY when a command first imports it; one that ran earlier
+        # in this process (the Python API) is told directly, without importing it for commands that never do
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,9 +137,21 @@ def _saved_run(model_path: str) -> dict:
 
 def _eval_data(model_path, dataset, split, config_name, fmt, max_samples):
     """The conversations to score: as given, or by default the run's own held-out data."""
-    from chattune.data import holdout_split, list_splits, load_conversations
+    from chattune.config import Config, apply_values
+    from chattune.data import list_splits, load_conversations
+    from chattune.data.mixture import load_training_data
 
-    saved = _saved_run(model_path).get("data") or {}
+    run = _saved_run(model_path)
+    saved = run.get("data") or {}
+    if dataset is None and split is None and (saved.get("dataset") or saved.get("datasets")):
+        # the run's own evaluation data, built as training built it (its split or held-out rows, mixes,
+        # skipped rows, revisions); a run without any asks for --split below
+        cfg = apply_values(Config(), {k: v for k, v in run.items() if k in ("data", "train")}, str(model_path))
+        _, held = load_training_data(cfg)
+        if held is not None:
+            if max_samples is not None and len(held.dataset) > max_samples:
+                held.dataset = held.dataset.select(range(max_samples))
+            return held
     same = dataset is None or dataset == saved.get("dataset")
     dataset = dataset or saved.get("dataset")
     if not dataset:
@@ -147,16 +159,6 @@ def _eval_data(model_path, dataset, split, config_name, fmt, max_samples):
     kw = dict(fmt=fmt or (saved.get("format") if same else None) or "auto",
               columns=(saved.get("columns") if same else None) or {},
               config_name=config_name or (saved.get("config_name") if same else None))
-    if split is None and same and saved.get("eval_split"):
-        split = saved["eval_split"]
-    if split is None and same and (saved.get("eval_fraction") or 0) > 0:
-        # the run held rows out of its training split by content hash; the same rule finds them again
-        train = load_conversations(dataset, saved.get("train_split", "train"),
-                                   max_samples=saved.get("max_train_samples"), **kw)
-        _, held = holdout_split(train.dataset, saved["eval_fraction"])
-        if max_samples is not None and len(held) > max_samples:
-            held = held.select(range(max_samples))
-        return type(train)(dataset=held, format=train.format, name=f"{train.name} (held out)", rejected=[])
     if split is None:
         available = list_splits(dataset, kw["config_name"])
         if len(available) != 1:

@@ -113,7 +113,7 @@ def _load_cached(path: Path, out: Path, main: bool) -> Prepared:
         if m is None:
             return None, None, None
         preview = Dataset.from_list(m["preview"]) if m["preview"] else None
-        loaded = LoadedSplit(dataset=preview, format=m["format"], name=m["name"], rejected=[], rows_read=m["rows"])
+        loaded = LoadedSplit(dataset=preview, format=m["format"], name=m["name"], rejected=[])
         return loaded, load_from_disk(str(path / key)), PrepStats(**m["stats"])
 
     train_split, train_rows, train_stats = split("train")

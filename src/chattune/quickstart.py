@@ -65,6 +65,7 @@ def _prepare_dir(out: Path) -> None:
 
 def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200) -> dict:
     import torch
+    from transformers import set_seed
 
     from chattune.model import fit_model_to_tokenizer, load_model, load_tokenizer
     from chattune.template import prepare_tokenizer
@@ -82,14 +83,15 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     held_out = splits["test_gen"]
+    cfg = quickstart_config(out, max_steps)
     base_tok = load_tokenizer(str(out / "base-model"))
     setup = prepare_tokenizer(base_tok)
+    set_seed(cfg.train.seed)  # as training does: the added tokens' rows start as the trained model's did
     base = load_model(str(out / "base-model"))
     fit_model_to_tokenizer(base, base_tok, setup)
     before, _ = score(base.eval(), base_tok, held_out)
     log.info(f"before training: {METRIC} = {before:.1%}")
 
-    cfg = quickstart_config(out, max_steps)
     result = run_train(cfg)
 
     tuned_tok = load_tokenizer(str(out))

@@ -13,12 +13,11 @@ from chattune import adapters
 from chattune.checkpoints import CheckpointError, check_resume_target, checkpoint_dirs, discard_staging, newest_complete
 from chattune.collate import PadCollator
 from chattune.config import Config
-from chattune.data.mixture import load_training_data  # noqa: F401  (part of this module's API)
 from chattune.distributed import process_state, quiet_unless_main
 from chattune.errors import ChattuneError
 from chattune.model import (context_length, fit_model_to_tokenizer, load_config, load_for_training, load_model,
                             pick_device, resolve_precision)
-from chattune.prepared import prepare_training_data, write_rejected  # noqa: F401
+from chattune.prepared import prepare_training_data
 from chattune.report import write_run_report
 
 log = logging.getLogger("chattune")

@@ -30,9 +30,6 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class ChattuneTrainer(AtomicCheckpoints, SFTTrainer):
-    # compute_loss divides by the token count of the whole accumulated step itself
-    loss_is_scaled_for_ga = True
-
     def __init__(self, *args, **kwargs):
         model = kwargs["model"]
         self.selective = fast_loss_supported(model)
@@ -42,7 +39,8 @@ class ChattuneTrainer(AtomicCheckpoints, SFTTrainer):
         self.speedups = prepare_for_training(model, pick_device())
         self.causal = is_causal_lm(model)
         super().__init__(*args, **kwargs)
-        # count loss tokens over the whole accumulated step, so every token weighs the same
+        # count loss tokens over the whole accumulated step, so every token weighs the same; the Trainer
+        # then takes the loss as already scaled for accumulation (and divides it when no count came)
         self.model_accepts_loss_kwargs = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

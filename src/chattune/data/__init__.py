@@ -15,7 +15,7 @@ from importlib import resources
 
 import numpy as np
 
-from chattune.data.formats import detect_format, required_columns, to_canonical
+from chattune.data.formats import detect_format, optional_columns, required_columns, to_canonical
 from chattune.data.sources import Part, list_splits, load_parts
 from chattune.data.validate import FIXES, Reason, check_messages, check_text, fast_checkable, suspect_rows, \
     suspect_texts
@@ -37,8 +37,22 @@ class LoadedSplit:
     format: str
     name: str
     rejected: list  # Problems skipped with skip_invalid
-    rows_read: int = 0  # valid and invalid rows read
     info: dict = field(default_factory=dict)  # notes for the log (ignored columns)
+
+
+def concat_splits(datasets: list, formats: set, name: str, rejected: list, ignored: set) -> LoadedSplit:
+    """Canonical datasets of one or several sources as one split; plain text cannot join chat data."""
+    from datasets import concatenate_datasets
+
+    if "text" in formats and len(formats) > 1:
+        raise DataError(f"{name}: plain-text (continued pre-training) data cannot be mixed with chat data in one "
+                        f"run (formats found: {', '.join(sorted(formats))})")
+    if len(datasets) > 1:
+        target = canonical_features("text" if formats == {"text"} else "messages")
+        datasets = [d if d.features == target else d.cast(target) for d in datasets]
+    return LoadedSplit(dataset=datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets),
+                       format="+".join(sorted(formats)), name=name, rejected=rejected,
+                       info={"ignored_columns": sorted(ignored)} if ignored else {})
 
 
 def canonical_features(fmt: str):
@@ -110,7 +124,7 @@ def _from_arrow(part: Part, fmt: str, columns: dict, limit: int | None):
                 reason = check(ds[i][fmt])
                 if reason:
                     problems.append((i, reason))
-            return _keep_valid(ds, part, problems), fmt, _problems(part, problems), len(raw), raw.column_names
+            return _keep_valid(ds, problems), fmt, _problems(part, problems), len(raw), raw.column_names
     out_col = "text" if fmt == "text" else "messages"
 
     def convert(batch):
@@ -137,10 +151,10 @@ def _from_arrow(part: Part, fmt: str, columns: dict, limit: int | None):
     kinds, reasons = table.column("_kind").take(bad).to_pylist(), table.column("_reason").take(bad).to_pylist()
     problems = [(i, Reason(k, r)) for i, k, r in zip(bad.tolist(), kinds, reasons)]
     ds = mapped.select_columns([out_col])
-    return _keep_valid(ds, part, problems), fmt, _problems(part, problems), len(raw), raw.column_names
+    return _keep_valid(ds, problems), fmt, _problems(part, problems), len(raw), raw.column_names
 
 
-def _keep_valid(ds, part: Part, problems: list):
+def _keep_valid(ds, problems: list):
     if not problems:
         return ds
     keep = np.ones(len(ds), dtype=bool)
@@ -150,12 +164,6 @@ def _keep_valid(ds, part: Part, problems: list):
 
 def _problems(part: Part, found: list) -> list[Problem]:
     return [Problem(part.locate(i), reason, part.raw(i)) for i, reason in found]
-
-
-# columns each format reads; the rest are named in the log as not used
-_READS = {"messages": ["messages"], "sharegpt": ["conversations", "system"], "text": ["text"],
-          "alpaca": ["instruction", "input", "output", "system", "history"],
-          "prompt_completion": ["prompt", "completion"]}
 
 
 def report(name: str, problems: list[Problem], total: int, valid: int) -> str:
@@ -180,8 +188,6 @@ def load_conversations(source: str, split: str, fmt: str = "auto", columns: dict
     """One split of a source as canonical conversations (or texts), every row checked.
 
     max_samples reads only the first rows (across the source's files, in order)."""
-    from datasets import concatenate_datasets
-
     columns = columns or {}
     name = f"{source} [{split}]"
     pieces, formats, problems, read, ignored = [], set(), [], 0, set()
@@ -195,23 +201,14 @@ def load_conversations(source: str, split: str, fmt: str = "auto", columns: dict
         formats.add(f)
         problems += found
         read += n
-        used = {columns.get(c, c) for c in _READS[f]}
+        used = set(required_columns(f, columns) + optional_columns(f, columns))
         ignored |= {c for c in cols if c not in used}
-    if "text" in formats and len(formats) > 1:
-        raise DataError(f"{name}: plain text files cannot be mixed with chat files in one split (formats found: "
-                        f"{', '.join(sorted(formats))})")
     valid = sum(len(d) for d in pieces)
     if problems and not (skip_invalid and valid):
         raise DataError(report(name, problems, read, valid))
     if valid == 0:
         raise DataError(f"{name}: no rows - nothing to train on")
-    fmt_name = "+".join(sorted(formats))
-    if len(pieces) > 1:
-        target = canonical_features("text" if formats == {"text"} else "messages")
-        pieces = [d if d.features == target else d.cast(target) for d in pieces]
-    dataset = pieces[0] if len(pieces) == 1 else concatenate_datasets(pieces)
-    return LoadedSplit(dataset=dataset, format=fmt_name, name=name, rejected=problems if skip_invalid else [],
-                       rows_read=read, info={"ignored_columns": sorted(ignored)})
+    return concat_splits(pieces, formats, name, problems if skip_invalid else [], ignored)
 
 
 def _content_key(value) -> int:

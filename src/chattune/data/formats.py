@@ -32,11 +32,6 @@ SHAREGPT_ROLES = {
 }
 
 
-def column(fmt: str, name: str, columns: dict) -> str:
-    """The dataset column holding format field `name`, after the user's renames."""
-    return columns.get(name, name)
-
-
 def detect_format(column_names: list[str], columns: dict | None = None, where: str = "data set") -> str:
     """Choose the format from column names. Messages wins over a stray 'prompt' column (ultrachat has both)."""
     cols = set(column_names)

@@ -7,6 +7,7 @@ conversation is shown token by token with the tokens that carry loss marked.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections import Counter
@@ -175,6 +176,7 @@ def validate_data(cfg) -> dict:
     from chattune.data import report
     from chattune.data.mixture import load_training_data
 
+    cfg = copy.deepcopy(cfg)  # the caller's config is left as given
     cfg.data.skip_invalid = True  # collect every problem instead of stopping at the first split
     splits = [s for s in load_training_data(cfg) if s is not None]
     problems = [p for s in splits for p in s.rejected]

@@ -98,19 +98,13 @@ def _sample(loaded, spec: SourceSpec, seed: int, index: int):
     return loaded.dataset.select(picks), want
 
 
-def _combine(parts: list, name: str, formats: list[str]):
-    from datasets import concatenate_datasets
+def _combine(parts: list, name: str):
+    """The splits of every source as one; each part is (dataset after sampling, its LoadedSplit)."""
+    from chattune.data import concat_splits
 
-    from chattune.data import LoadedSplit, canonical_features
-
-    kinds = {"text" if f == "text" else "chat" for f in formats}
-    if len(kinds) > 1:
-        raise DataError("plain-text (continued pre-training) data cannot be mixed with chat data in one run")
-    target = canonical_features("text" if kinds == {"text"} else "messages")
-    datasets = [d if d.features == target else d.cast(target) for d, _ in parts]
-    fmt = "+".join(sorted(set(formats)))
-    return LoadedSplit(dataset=concatenate_datasets(datasets) if len(datasets) > 1 else datasets[0], format=fmt,
-                       name=name, rejected=[r for _, rej in parts for r in rej])
+    return concat_splits([d for d, _ in parts], {f for _, s in parts for f in s.format.split("+")}, name,
+                         [r for _, s in parts for r in s.rejected],
+                         {c for _, s in parts for c in s.info.get("ignored_columns", [])})
 
 
 def load_training_data(cfg):
@@ -120,26 +114,24 @@ def load_training_data(cfg):
     d = cfg.data
     specs = sources(d)
     mixed = bool(d.datasets)
-    train_parts, eval_parts, names, eval_names, formats, eval_formats = [], [], [], [], [], []
+    train_parts, eval_parts, names, eval_names = [], [], [], []
     for i, s in enumerate(specs):
         common = dict(fmt=s.format, columns=s.columns, config_name=s.config_name, revision=s.revision,
                       skip_invalid=d.skip_invalid)
         loaded = load_conversations(s.dataset, s.split, max_samples=None if mixed else d.max_train_samples, **common)
         ds, n = _sample(loaded, s, cfg.train.seed, i)
-        train_parts.append((ds, loaded.rejected))
+        train_parts.append((ds, loaded))
         names.append(f"{loaded.name} ({n})" if mixed else loaded.name)
-        formats.append(loaded.format)
         if s.eval_split:
             ev = load_conversations(s.dataset, s.eval_split, max_samples=None if mixed else d.max_eval_samples,
                                     **common)
-            eval_parts.append((ev.dataset, ev.rejected))
+            eval_parts.append((ev.dataset, ev))
             eval_names.append(ev.name)
-            eval_formats.append(ev.format)
-    train = _combine(train_parts, " + ".join(names), formats)
+    train = _combine(train_parts, " + ".join(names))
     if mixed and d.max_train_samples is not None and len(train.dataset) > d.max_train_samples:
         keep = np.random.default_rng([cfg.train.seed, len(specs)]).permutation(len(train.dataset))
         train.dataset = train.dataset.select(np.sort(keep[: d.max_train_samples]))
-    evaluation = _combine(eval_parts, " + ".join(eval_names), eval_formats) if eval_parts else None
+    evaluation = _combine(eval_parts, " + ".join(eval_names)) if eval_parts else None
     if evaluation is None and d.eval_fraction > 0:
         train.dataset, held = holdout_split(train.dataset, d.eval_fraction)
         evaluation = LoadedSplit(dataset=held, format=train.format, name=f"{train.name} (held out)", rejected=[])

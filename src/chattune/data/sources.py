@@ -147,9 +147,6 @@ class Part:
             return self.bad[i][1] if i in self.bad else self.rows[i]
         return self.dataset[i]
 
-    def __len__(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self.dataset)
-
 
 def read_json_rows(path: Path) -> Part:
     """A JSON array or JSON Lines file read line by line in Python: rows that parse, and for each line
@@ -284,15 +281,3 @@ def load_parts(source: str, split: str, config_name: str | None = None, revision
     except Exception as e:
         raise _hub_failure(source, e) from e
     return [Part(label=f"{source} [{split}]", dataset=ds)]
-
-
-def load_split(source: str, split: str, config_name: str | None = None, revision: str | None = None):
-    """One split as a single `datasets.Dataset` (files must share their columns)."""
-    import datasets
-
-    parts = load_parts(source, split, config_name, revision)
-    if any(p.dataset is None for p in parts):
-        bad = next(p for p in parts if p.dataset is None)
-        raise DataError(f"{bad.label}: Arrow cannot read this JSON file as one table; check it with "
-                        "`chattune data validate`")
-    return parts[0].dataset if len(parts) == 1 else datasets.concatenate_datasets([p.dataset for p in parts])
