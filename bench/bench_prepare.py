@@ -89,10 +89,10 @@ def run_chattune(data_dir: str, tokenizer_dir: str, max_length: int, out: str, c
     from transformers import AutoTokenizer
 
     import chattune.data.mixture  # noqa: F401
-    import chattune.tokenize  # noqa: F401
+    import chattune.data.tokenize  # noqa: F401
     from chattune.config import Config, validate
-    from chattune.prepared import prepare_training_data
-    from chattune.template import prepare_tokenizer
+    from chattune.data.prepared import prepare_training_data
+    from chattune.data.template import prepare_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     prepare_tokenizer(tokenizer)

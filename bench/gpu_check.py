@@ -5,7 +5,7 @@
 
 It generates ultrachat-like conversations (ultrachat_like.py) and a byte-level BPE tokenizer with
 GPT-2's vocabulary size, builds a randomly initialised GPT-2 124M locally, and runs
-`chattune.train.run_train` (bf16 autocast, SDPA with the causal fast path, the selective LM head,
+`chattune.commands.train.run_train` (bf16 autocast, SDPA with the causal fast path, the selective LM head,
 TF32, fused AdamW: what chattune picks on CUDA) for a bounded number of steps, once per batch
 layout. Timing comes from measure.Meter, as in train_speed.py, with the GPU synchronised at the
 window's ends. MFU is against the card's dense bf16 peak (looked up from its name; --peak-tflops
@@ -44,7 +44,7 @@ def build(work: Path, n_rows: int, vocab: int, shape: dict, seed: int = 0) -> tu
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     import ultrachat_like
-    from chattune.synth import write_hub_layout
+    from chattune.demo.assets import write_hub_layout
 
     gen = ultrachat_like.Generator(seed, n_sentences=20_000)
     tok_dir = work / "tokenizer"
@@ -85,7 +85,8 @@ class StepProfiler:
             table = self.prof.key_averages()
             text = [f"{self.n} optimizer steps from step {self.start}"]
             for key in ("cpu_time_total", "self_cpu_time_total", "self_device_time_total"):
-                text.append(f"\n== sorted by {key}\n" + table.table(sort_by=key, row_limit=30, max_name_column_width=70))
+                text.append(f"\n== sorted by {key}\n"
+                            + table.table(sort_by=key, row_limit=30, max_name_column_width=70))
             self.path.write_text("\n".join(text))
             self.prof = False
 
@@ -101,10 +102,10 @@ def run(data: Path, model_dir: Path, out: Path, batch: int, accum: int, steps: i
     from transformers import AutoTokenizer
 
     import measure
+    from chattune.commands.train import run_train
     from chattune.config import Config, validate
-    from chattune.template import prepare_tokenizer
-    from chattune.tokenize import encode_conversations
-    from chattune.train import run_train
+    from chattune.data.template import prepare_tokenizer
+    from chattune.data.tokenize import encode_conversations
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prepare_tokenizer(tok)
@@ -140,8 +141,9 @@ def main(argv=None) -> dict:
     p.add_argument("--smoke", action="store_true", help="tiny model, data and step counts (runs on a CPU)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per layout")
     p.add_argument("--layouts", default="4x4,16x1", help="per-device batch x accumulation (16 conversations a step)")
-    p.add_argument("--profile", action="store_true", help="also profile 3 optimizer steps of each layout "
-                                                          "(tables next to --out; those steps run slower: for diagnosis, not figures)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 3 optimizer steps of each layout (tables next to --out; those steps run "
+                        "slower: for diagnosis, not figures)")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if its name is not in the table")
     # on the device machine only files under $OUT come back
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
@@ -150,7 +152,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    import chattune.speed  # noqa: F401  (fails early when chattune or its dependencies are missing)
+    import chattune.model.speed  # noqa: F401  (fails early when chattune or its dependencies are missing)
     import measure
 
     started = time.perf_counter()

@@ -25,7 +25,7 @@ VOCABS = (32_768, 65_536, 131_072)
 def child(kind: str, vocab: int, tokens: int, hidden: int) -> None:
     import torch
 
-    from chattune.loss import linear_cross_entropy_sum
+    from chattune.model.loss import linear_cross_entropy_sum
 
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, requires_grad=True)

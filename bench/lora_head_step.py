@@ -3,7 +3,7 @@
     python bench/lora_head_step.py      # needs the small-shape model and data train_speed.py builds
 
 LoRA on GPT-2 trains the rows of the tokens chattune adds as PEFT trainable tokens, which wraps the
-tied LM head; the selective head reads that wrapper's weight (chattune.loss.head_parts). Same
+tied LM head; the selective head reads that wrapper's weight (chattune.model.loss.head_parts). Same
 process, same 4 x 1024-token batch, alternating, 3 timings each; medians.
 Result: bench/results/lora_head_step.json.
 """
@@ -26,13 +26,14 @@ def main() -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from chattune.collate import PadCollator
-    from chattune.loss import full_logits_loss_sum, install_selective_head
-    from chattune.speed import prepare_for_training, set_attention_dropout
-    from chattune.tokenize import encode_conversations
+    from chattune.data.collate import PadCollator
+    from chattune.data.tokenize import encode_conversations
+    from chattune.model.loss import full_logits_loss_sum, install_selective_head
+    from chattune.model.speed import prepare_for_training, set_attention_dropout
     from recipes import chat_tokenizer
 
-    base, chat, data = WORK / "model-small-50257-0", WORK / "model-small-50257-0-chat", WORK / "speed-data-640-32-0-50257"
+    base, chat = WORK / "model-small-50257-0", WORK / "model-small-50257-0-chat"
+    data = WORK / "speed-data-640-32-0-50257"
     if not chat.is_dir() or not data.is_dir():
         sys.exit("run `python bench/train_speed.py` once first: it builds the model and data this uses")
     tok = chat_tokenizer(str(base))

@@ -11,7 +11,7 @@
   with bf16=False (it fails on a CPU), the spec's max length, accumulation 2 so a step holds the same
   16 conversations, and gpt2's missing chat template supplied: the tokenizer and resized model
   chattune prepares (its ChatML template), so TRL and chattune train on identical tokens.
-- chattune: `chattune.train.run_train` with its defaults, given the data, max length, batch 4 x
+- chattune: `chattune.commands.train.run_train` with its defaults, given the data, max length, batch 4 x
   accumulation 4 and the max_steps bound; chattune-attn-dropout: the same with gpt2's own attention
   dropout (0.1) instead of chattune's default 0.
 
@@ -48,7 +48,7 @@ def tutorial_text(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
 
 def tutorial_rows(tokenizer, conversations, max_length: int) -> dict:
     """Token ids and assistant-content labels of conversations in the tutorial's format (all turns)."""
-    from chattune.tokenize import Encoder
+    from chattune.data.tokenize import Encoder
 
     texts, spans = zip(*(tutorial_text(c) for c in conversations))
     out = Encoder(tokenizer, max_length).encode(list(texts), list(spans))
@@ -75,7 +75,7 @@ def load_conversations(data_dir: str, split: str) -> list[list[dict]]:
 def chat_tokenizer(base_dir: str):
     from transformers import AutoTokenizer
 
-    from chattune.template import prepare_tokenizer
+    from chattune.data.template import prepare_tokenizer
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     prepare_tokenizer(tok)
@@ -83,9 +83,9 @@ def chat_tokenizer(base_dir: str):
 
 
 def heldout_loss(model, rows: dict, pad_id: int, batch_size: int = 4) -> dict:
-    """Mean cross-entropy over held-out assistant tokens (chattune.evaluate, the same code for all)."""
-    from chattune.collate import PadCollator
-    from chattune.evaluate import evaluate_batches, summarize
+    """Mean cross-entropy over held-out assistant tokens (chattune.training.metrics, the same code for all)."""
+    from chattune.data.collate import PadCollator
+    from chattune.training.metrics import evaluate_batches, summarize
 
     collate = PadCollator(pad_id)
     items = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
@@ -97,8 +97,13 @@ def heldout_loss(model, rows: dict, pad_id: int, batch_size: int = 4) -> dict:
 
 def run_tutorial(spec: dict, meter: measure.Meter):
     from datasets import load_dataset
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(spec["base_dir"])
     train_dataset = load_dataset(spec["data_dir"], split="train_gen")
@@ -141,7 +146,7 @@ def run_trl(spec: dict, meter: measure.Meter):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from chattune.tokenize import encode_conversations
+    from chattune.data.tokenize import encode_conversations
 
     tokenizer = chat_tokenizer(spec["base_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["chat_model_dir"])
@@ -157,9 +162,9 @@ def run_trl(spec: dict, meter: measure.Meter):
 
 
 def run_chattune(spec: dict, meter: measure.Meter, attention_dropout: float | None = 0.0):
+    from chattune.commands.train import run_train
     from chattune.config import Config, validate
-    from chattune.tokenize import encode_conversations
-    from chattune.train import run_train
+    from chattune.data.tokenize import encode_conversations
 
     cfg = Config()
     cfg.model.name = spec["base_dir"]

@@ -50,7 +50,7 @@ def build_data(work: Path, n_train: int, n_heldout: int, vocab: int, seed: int) 
     import pyarrow.parquet as pq
 
     import ultrachat_like
-    from chattune.synth import write_hub_layout
+    from chattune.demo.assets import write_hub_layout
 
     meta = ultrachat_like.build(work, n_train + n_heldout, seed=seed, vocab_size=vocab, log=log)
     out = work / f"speed-data-{n_train}-{n_heldout}-{seed}-{vocab}"
@@ -66,8 +66,8 @@ def build_models(work: Path, tokenizer_dir: Path, shape: str, seed: int) -> tupl
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from chattune.model import fit_model_to_tokenizer
-    from chattune.template import prepare_tokenizer
+    from chattune.data.template import prepare_tokenizer
+    from chattune.model.load import fit_model_to_tokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = GPT2Config(vocab_size=len(tok), n_positions=1024, bos_token_id=tok.eos_token_id,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chattune import synth
+from chattune.demo import assets
 
 MEDIAN_TOKENS, P95_TOKENS = 922, 2534
 SIGMA = float(np.log(P95_TOKENS / MEDIAN_TOKENS) / 1.645)
@@ -101,7 +101,7 @@ class Generator:
 
 def train_gpt2_like_tokenizer(texts: list[str], directory: Path, vocab_size: int = GPT2_VOCAB):
     """Byte-level BPE with GPT-2's pre-tokenizer and its one special token, saved like the gpt2 repo."""
-    return synth.train_tokenizer(texts, directory, vocab_size, split_digits=False)
+    return assets.train_tokenizer(texts, directory, vocab_size, split_digits=False)
 
 
 def write_split(rows, directory: Path, split: str = "train_gen", chunk: int = 20_000) -> Path:

@@ -4,6 +4,8 @@ data set laid out like HuggingFaceH4/ultrachat_200k. Nothing is fetched from the
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +14,57 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from chattune import synth  # noqa: E402
+from chattune.demo import addition, assets  # noqa: E402
 
 LINES = [
     "hi there", "hello", "what is up", "the sky is blue", "you are kind",
     "what is 12 + 34", "12 + 34 = 46.", "be brief",
 ]
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+SHARED_DATA = ROOT.parent / "shared" / "data"
+# what every CLI run in the tests gets: no network, fixed hashing, no tokenizer thread warnings
+CLI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cli_command(*args, launcher: list[str] | None = None) -> list[str]:
+    """The real CLI as a subprocess command line (python -m chattune ...), optionally under a launcher."""
+    return [*(launcher or [sys.executable]), "-m", "chattune", *map(str, args)]
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    return {**os.environ, **CLI_ENV, **(extra or {})}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/integration runs the real CLI end to end: marked slow."""
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """Run `python -m chattune ARGS` to completion: run_cli(*args, timeout=600, env=None, launcher=None)."""
+
+    def run(*args, timeout: float = 600, env: dict | None = None, launcher: list[str] | None = None,
+            stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(cli_command(*args, launcher=launcher), capture_output=True, text=True,
+                              env=cli_env(env), timeout=timeout, cwd=ROOT, input=stdin)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def start_cli():
+    """Start `python -m chattune ARGS` in the background, stderr to `log` (a pipe nobody reads could fill and
+    block it): start_cli(*args, log=PATH, env=None) -> Popen."""
+
+    def start(*args, log: Path, env: dict | None = None, **popen) -> subprocess.Popen:
+        with open(log, "w") as f:
+            return subprocess.Popen(cli_command(*args), stdout=subprocess.DEVNULL, stderr=f, env=cli_env(env),
+                                    cwd=ROOT, **popen)
+
+    return start
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,7 +83,7 @@ def prepared_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tok")
-    synth.train_tokenizer(LINES * 4, d, vocab_size=300)
+    assets.train_tokenizer(LINES * 4, d, vocab_size=300)
     return d
 
 
@@ -50,28 +96,28 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def splits():
-    return synth.addition_splits(n_train=64, n_test=16, seed=1)
+    return addition.addition_splits(n_train=64, n_test=16, seed=1)
 
 
 @pytest.fixture(scope="session")
 def ultrachat_dir(tmp_path_factory, splits) -> Path:
     """A local data set laid out like the ultrachat_200k hub repo (train_gen/test_gen splits)."""
-    return synth.write_hub_layout(splits, tmp_path_factory.mktemp("ultrachat"))
+    return assets.write_hub_layout(splits, tmp_path_factory.mktemp("ultrachat"))
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, splits) -> Path:
     """A GPT-2-like model directory: no pad token, no chat template, safetensors weights."""
     d = tmp_path_factory.mktemp("gpt2-tiny")
-    synth.build_base_model(d, splits, n_layer=2, n_embd=32, n_head=2, n_positions=128)
+    assets.build_base_model(d, splits, n_layer=2, n_embd=32, n_head=2, n_positions=128)
     return d
 
 
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory, model_dir, ultrachat_dir) -> Path:
     """A chattune output directory: the tiny GPT-2 fine-tuned for a few dozen steps (report included)."""
+    from chattune.commands.train import run_train
     from chattune.config import Config, validate
-    from chattune.train import run_train
 
     cfg = Config()
     cfg.model.name = str(model_dir)

@@ -7,7 +7,6 @@ written to each run's output directory; it holds no secrets (tokens come from th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import types
@@ -19,8 +18,9 @@ from typing import Any
 import yaml
 
 from chattune.errors import ConfigError
+from chattune.outputs import CONFIG_FILE
 
-CONFIG_FILENAME = "chattune.yaml"
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 
 def opt(default: Any = None, help: str = "", flag: str | None = None, choices: tuple | None = None, **kw):
@@ -42,12 +42,28 @@ class ModelConfig:
 
 
 @dataclass
+class DatasetEntry:
+    """One source of a mix (data.datasets); unset fields take the data section's values."""
+
+    dataset: str = opt("", "hub id, local directory or files, as --dataset")
+    split: str | None = opt(None, "split to train on (default: data.train_split)")
+    samples: int | None = opt(None, "take this many valid rows, drawn with train.seed")
+    fraction: float | None = opt(None, "take this share of the valid rows, drawn with train.seed")
+    format: str | None = opt(None, "data format (default: data.format)", choices=(None, "auto", *FORMATS))
+    columns: dict | None = opt(None, "column renames (default: data.columns)")
+    config_name: str | None = opt(None, "the data set's configuration (subset) name")
+    revision: str | None = opt(None, "hub revision of the data set")
+    eval_split: str | None = opt(None, "also evaluate on this split of the source")
+
+
+@dataclass
 class DataConfig:
     dataset: str | None = opt(None, "hub id, local directory laid out like a hub data set, or "
                                     ".json/.jsonl/.parquet/.csv files (a path, a glob, or paths separated by "
                                     "commas)", flag="--dataset")
-    datasets: list = opt(list, "several data sets mixed in one run, instead of --dataset: a list of {dataset, "
-                               "split, samples or fraction, format, columns, config_name, revision, eval_split}")
+    datasets: list[DatasetEntry] = opt(list, "several data sets mixed in one run, instead of --dataset: a list of "
+                                             "{dataset, split, samples or fraction, format, columns, config_name, "
+                                             "revision, eval_split}")
     config_name: str | None = opt(None, "the data set's configuration (subset) name", flag="--dataset-config")
     revision: str | None = opt(None, "hub revision of the data set", flag="--dataset-revision")
     train_split: str = opt("train", "split to train on", flag="--train-split")
@@ -56,7 +72,7 @@ class DataConfig:
     eval_fraction: float = opt(0.0, "hold out this fraction of the training rows for evaluation when there "
                                     "is no eval split", flag="--eval-fraction")
     format: str = opt("auto", "data format; auto detects it from the columns", flag="--format",
-                      choices=("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"))
+                      choices=("auto", *FORMATS))
     columns: dict = opt(dict, "column renames {format_column: your_column}, e.g. {messages: dialog}")
     max_length: int | None = opt(None, "truncate conversations to this many tokens "
                                        "(default: the model's context)", flag="--max-length")
@@ -115,7 +131,7 @@ class TrainConfig:
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     enabled: bool = opt(False, "train a LoRA adapter (PEFT) instead of every weight", flag="--lora")
     qlora: bool = opt(False, "LoRA on a 4-bit base model (bitsandbytes; needs a CUDA GPU)", flag="--qlora")
     r: int = opt(16, "LoRA rank", flag="--lora-r")
@@ -133,23 +149,23 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CONFIG_FILENAME
+        path = Path(directory) / CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
         return path
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraSettings}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig}
 
 
-def _fields(section_cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+def fields_of(section_cls) -> dict[str, tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(section_cls)
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(section_cls)}
 
@@ -208,13 +224,32 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return dict(value)
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     if tp is list or origin is list:
-        if isinstance(value, str):
+        inner = (typing.get_args(tp) or (Any,))[0]
+        if isinstance(value, str) and not dataclasses.is_dataclass(inner):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)):
-            inner = (typing.get_args(tp) or (Any,))[0]
-            return [v if inner is Any else _coerce(v, inner, where) for v in value]
+            return [v if inner is Any else _coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _coerce_section(value, tp, where)
     return value
+
+
+def _coerce_section(value: Any, section_cls, where: str):
+    """A mapping (or an instance) as the dataclass `section_cls`; a bare string names its first field."""
+    if isinstance(value, section_cls):
+        value = dataclasses.asdict(value)
+    fields = fields_of(section_cls)
+    if isinstance(value, str):
+        value = {next(iter(fields)): value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{{next(iter(fields))}: ...}}, got {value!r}")
+    obj = section_cls()
+    for key, v in value.items():
+        if key not in fields:
+            raise _unknown(key, list(fields), where)
+        setattr(obj, key, _coerce(v, fields[key][1], f"{where}.{key}"))
+    return obj
 
 
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:
@@ -226,7 +261,8 @@ def _unknown(key: str, known: list[str], where: str) -> ConfigError:
 def apply_values(cfg: Config, values: dict, source: str) -> Config:
     """Set nested values {section: {field: value}} on cfg, coercing types; unknown keys are errors."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(values).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), "
+                          f"got {type(values).__name__}")
     for section, entries in values.items():
         if section not in SECTIONS:
             raise _unknown(section, list(SECTIONS), source)
@@ -235,7 +271,7 @@ def apply_values(cfg: Config, values: dict, source: str) -> Config:
         if not isinstance(entries, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping, got {entries!r}")
         target = getattr(cfg, section)
-        fields = _fields(SECTIONS[section])
+        fields = fields_of(SECTIONS[section])
         for key, value in entries.items():
             if key not in fields:
                 raise _unknown(key, list(fields), f"{source}: {section}")
@@ -257,10 +293,23 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def read_saved(directory: str | Path) -> dict:
+    """The run configuration saved in a model directory (chattune.yaml), as plain values; {} when there is none."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def validate(cfg: Config) -> Config:
     """Range and consistency checks; each error names its field."""
     t, d = cfg.train, cfg.data
-    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.logging_steps": t.logging_steps}
+    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                "train.logging_steps": t.logging_steps}
     for name, v in positive.items():
         if v < 1:
             raise ConfigError(f"{name} must be at least 1, got {v}")
@@ -287,17 +336,14 @@ def validate(cfg: Config) -> Config:
     if t.attention_dropout is not None and not 0 <= t.attention_dropout < 1:
         raise ConfigError(f"train.attention_dropout must be in [0, 1), got {t.attention_dropout}")
     for section in SECTIONS:
-        for name, (f, _) in _fields(SECTIONS[section]).items():
+        for name, (f, _) in fields_of(SECTIONS[section]).items():
             choices = f.metadata.get("choices")
             value = getattr(getattr(cfg, section), name)
             if choices and value not in choices:
                 raise ConfigError(f"{section}.{name} must be one of {', '.join(choices)}; got {value!r}")
     if not cfg.model.name:
         raise ConfigError("model.name is empty: give --model (a hub id or a local directory)")
-    if d.datasets:
-        from chattune.data.mixture import parse_entries
-
-        parse_entries(d)  # names the entry and field at fault
+    _check_entries(d)
     if t.save_minutes is not None and not t.save_minutes > 0:
         raise ConfigError(f"train.save_minutes must be positive (or unset), got {t.save_minutes}")
     lo = cfg.lora
@@ -312,40 +358,21 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# ---- command line: flags are generated from the same fields --------------------------------
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML config; command-line flags override it")
-    for section in sections:
-        group = parser.add_argument_group(f"{section} options")
-        for name, (f, tp) in _fields(SECTIONS[section]).items():
-            flag = f.metadata.get("flag")
-            if not flag:
-                continue
-            dest = f"{section}.{name}"
-            default_txt = f.default if f.default is not dataclasses.MISSING else None
-            help_txt = f.metadata["help"] + (f" (default: {default_txt})" if default_txt not in (None, False) else "")
-            if tp is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_txt)
-            elif name == "resume":
-                group.add_argument(flag, dest=dest, nargs="?", const=True, default=argparse.SUPPRESS,
-                                   metavar="CHECKPOINT", help=help_txt)
-            else:
-                group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=name.upper(),
-                                   choices=f.metadata.get("choices"), help=help_txt)
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then the YAML file, then the flags given on the command line."""
-    cfg = Config()
-    if getattr(args, "config", None):
-        apply_values(cfg, load_yaml(args.config), str(args.config))
-    overrides: dict[str, dict] = {}
-    for dest, value in vars(args).items():
-        if "." in dest:
-            section, name = dest.split(".", 1)
-            overrides.setdefault(section, {})[name] = value
-    apply_values(cfg, overrides, "command line")
-    return validate(cfg)
+def _check_entries(d: DataConfig) -> None:
+    # entries set from Python may be plain mappings or strings: coerced like YAML's, errors naming the entry
+    d.datasets = _coerce(d.datasets, typing.get_type_hints(DataConfig)["datasets"], "data.datasets")
+    if d.dataset and d.datasets:
+        raise ConfigError("give data.dataset (--dataset) or data.datasets (a mix), not both")
+    for i, e in enumerate(d.datasets):
+        where = f"data.datasets[{i}]"
+        if not e.dataset:
+            raise ConfigError(f"{where}.dataset: give the data set (hub id, directory or files)")
+        if e.samples is not None and e.fraction is not None:
+            raise ConfigError(f"{where}: give samples or fraction, not both")
+        if e.samples is not None and e.samples < 1:
+            raise ConfigError(f"{where}.samples must be a whole number of at least 1, got {e.samples!r}")
+        if e.fraction is not None and not 0 < e.fraction <= 1:
+            raise ConfigError(f"{where}.fraction must be a number in (0, 1], got {e.fraction!r}")
+        choices = fields_of(DatasetEntry)["format"][0].metadata["choices"]
+        if e.format not in choices:
+            raise ConfigError(f"{where}.format must be auto or one of {', '.join(FORMATS)}; got {e.format!r}")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 
+from chattune.config import FORMATS
 from chattune.data.validate import Reason, RowError, check_messages, check_text
 from chattune.errors import DataError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+__all__ = ["FORMATS", "detect_format", "to_canonical"]
 
 FORMAT_HELP = (
     "messages (column 'messages' of {role, content}, the OpenAI/ultrachat shape); "

@@ -14,7 +14,12 @@ from collections import Counter
 
 import numpy as np
 
-from chattune.tokenize import IGNORE, encode_conversations, encode_texts
+from chattune.data.loading import report
+from chattune.data.mixture import load_training_data
+from chattune.data.template import is_chattune_template, render_with_spans
+from chattune.data.tokenize import encode_conversations, encode_texts
+from chattune.errors import ChattuneError, DataError
+from chattune.outputs import IGNORE_INDEX
 
 PERCENTILES = (50, 90, 95, 99)
 GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
@@ -23,8 +28,6 @@ GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 def _pick(split_name: str, train, evaluation):
     if split_name == "eval":
         if evaluation is None:
-            from chattune.errors import DataError
-
             raise DataError("this data set has no evaluation split: give --eval-split or --eval-fraction")
         return evaluation
     return train
@@ -62,7 +65,7 @@ def token_stats(ds, fmt: str, tokenizer, max_length: int, sample: int | None, se
                                                                                             rows["messages"])
         for labels in enc["labels"]:
             lab = np.asarray(labels)
-            loss = lab != IGNORE
+            loss = lab != IGNORE_INDEX
             lengths.append(len(lab))
             loss_total += int(loss.sum())
             if len(lab) > max_length:
@@ -82,11 +85,7 @@ def token_stats(ds, fmt: str, tokenizer, max_length: int, sample: int | None, se
 
 def example(ds, fmt: str, tokenizer, index: int, max_length: int) -> dict:
     """One conversation as the model sees it: text, tokens, ids and the loss mask (1 = trained on)."""
-    from chattune.template import render_with_spans
-
     if not 0 <= index < len(ds):
-        from chattune.errors import ChattuneError
-
         raise ChattuneError(f"--example {index} is out of range: the split has {len(ds)} rows")
     row = ds[index]
     if fmt == "text":
@@ -100,13 +99,11 @@ def example(ds, fmt: str, tokenizer, index: int, max_length: int) -> dict:
     # each token shown with the text since the previous one ended, so the pieces join to the whole text
     pieces = [text[a:b] for a, b in zip([0] + ends[:-1], ends)] + [tokenizer.decode(t) for t in ids[len(ends):]]
     return {"index": index, "text": text, "ids": ids, "tokens": pieces,
-            "loss_mask": [int(x != IGNORE) for x in enc["labels"][0]], "max_length": max_length}
+            "loss_mask": [int(x != IGNORE_INDEX) for x in enc["labels"][0]], "max_length": max_length}
 
 
 def inspect_data(cfg, tokenizer, max_length: int, split: str = "train", sample: int | None = 2000,
                  index: int = 0) -> dict:
-    from chattune.data.mixture import load_training_data
-
     train, evaluation = load_training_data(cfg)
     loaded = _pick(split, train, evaluation)
     ds, fmt = loaded.dataset, loaded.format
@@ -118,8 +115,6 @@ def inspect_data(cfg, tokenizer, max_length: int, split: str = "train", sample: 
 
 
 def _template_name(tokenizer) -> str:
-    from chattune.template import is_chattune_template
-
     return "chattune" if is_chattune_template(tokenizer.chat_template) else "model"
 
 
@@ -173,9 +168,6 @@ def format_inspect(r: dict, colour: bool | None = None) -> str:
 def validate_data(cfg) -> dict:
     """Every check training runs on its data, without a model: per split the valid and invalid row
     counts, and the problems by kind (an unusable source raises, as training would)."""
-    from chattune.data import report
-    from chattune.data.mixture import load_training_data
-
     cfg = copy.deepcopy(cfg)  # the caller's config is left as given
     cfg.data.skip_invalid = True  # collect every problem instead of stopping at the first split
     splits = [s for s in load_training_data(cfg) if s is not None]

@@ -1,0 +1,56 @@
+"""The commands: one module per CLI command, each with add_arguments(parser) and run(args), and the Python
+function the command runs (run_train, run_eval, ...), which is the public API. Flags of config fields are
+generated here from the config schema, so YAML files and the command line share one set of names.
+
+Command modules import the library inside their functions: building the parser for `chattune --help`, or
+rejecting a bad flag, must not wait seconds for torch and transformers to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+
+from chattune.config import SECTIONS, Config, apply_values, fields_of, load_yaml, validate
+
+
+def default(func, name: str):
+    """The default of `func`'s parameter `name`: a flag's default is stated once, in the signature it feeds."""
+    return inspect.signature(func).parameters[name].default
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config; command-line flags override it")
+    for section in sections:
+        group = parser.add_argument_group(f"{section} options")
+        for name, (f, tp) in fields_of(SECTIONS[section]).items():
+            flag = f.metadata.get("flag")
+            if not flag:
+                continue
+            dest = f"{section}.{name}"
+            default_txt = f.default if f.default is not dataclasses.MISSING else None
+            help_txt = f.metadata["help"] + (f" (default: {default_txt})" if default_txt not in (None, False) else "")
+            if tp is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_txt)
+            elif name == "resume":
+                group.add_argument(flag, dest=dest, nargs="?", const=True, default=argparse.SUPPRESS,
+                                   metavar="CHECKPOINT", help=help_txt)
+            else:
+                group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=name.upper(),
+                                   choices=f.metadata.get("choices"), help=help_txt)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    cfg = Config()
+    if getattr(args, "config", None):
+        apply_values(cfg, load_yaml(args.config), str(args.config))
+    overrides: dict[str, dict] = {}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            overrides.setdefault(section, {})[name] = value
+    apply_values(cfg, overrides, "command line")
+    return validate(cfg)

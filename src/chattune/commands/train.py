@@ -1,0 +1,106 @@
+"""`chattune train`: supervised fine-tuning on chat data, as a recipe of named steps.
+
+(Like every command module, it imports the library inside its functions: `chattune --help` and flag errors
+must not wait seconds for torch and transformers to import.)
+
+prepare the data (validated and tokenized before any weights load, so bad input fails in seconds) ->
+build the model -> build the trainer (TRL's SFTTrainer with chattune's loss) -> train -> finish (the
+model directory, results, report).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from chattune.commands import add_config_arguments, config_from_args
+from chattune.config import Config, validate
+
+log = logging.getLogger("chattune")
+
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    run_train(config_from_args(args))
+    return 0
+
+
+def run_train(cfg: Config) -> dict:
+    """Fine-tune as `cfg` says; returns the output directory and the final metrics."""
+    from chattune.training import steps
+    from chattune.training.args import sft_args
+
+    cfg = validate(cfg)
+    steps.check_model_kind(cfg)
+    with steps.run_directory(cfg) as (state, resume):
+        out = Path(cfg.train.output_dir)
+        tokenizer, setup, data = prepare_data(cfg, out, state)
+        device, precision = steps.device_and_precision(cfg)
+        log.info(f"device {device}, precision {precision}, max length {cfg.data.max_length}")
+        if state.is_main_process:
+            cfg.save(out)  # the resolved config (max length filled in); holds no secrets
+        args = sft_args(cfg, precision, data.eval_rows is not None, use_cpu=device == "cpu")
+        model = steps.build_model(cfg, tokenizer, setup, args)
+        trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, device, precision, out)
+        result = steps.train(trainer, signals, control, resume, out, state)
+        return finish(cfg, trainer, tokenizer, data, result, out, device, precision)
+
+
+def prepare_data(cfg: Config, out: Path, state):
+    """Tokenizer with its chat template, and the run's rows (from the prepared-data cache when an earlier run
+    made the same); rank 0 goes first and fills the cache, the other processes then read it."""
+    from chattune.data.prepared import prepare_training_data
+    from chattune.model.hub import load_config
+    from chattune.model.load import context_length, load_for_training, resolve_max_length
+
+    m = cfg.model
+    cfg.data.max_length = resolve_max_length(cfg.data.max_length,
+                                             context_length(load_config(m.name, m.revision, m.trust_remote_code)),
+                                             m.name)
+    tokenizer, setup = load_for_training(m, log.info)
+    with state.main_process_first():
+        data = prepare_training_data(cfg, tokenizer, cfg.data.max_length, out, main=state.is_main_process)
+    log.info(data.train_stats.summary("train"))
+    if data.eval_stats is not None:
+        log.info(data.eval_stats.summary("eval"))
+        if data.eval_stats.rows_out == 0:
+            log.warning("no evaluation conversation keeps an assistant token; evaluation is skipped")
+            data.eval_rows = None
+    return tokenizer, setup, data
+
+
+def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precision: str, out: Path):
+    from chattune.data.collate import PadCollator
+    from chattune.model.memory import estimate, report
+    from chattune.training import steps
+    from chattune.training.callbacks import MetricsLogger
+    from chattune.training.trainer import ChattuneTrainer
+
+    signals, control = steps.guards(cfg)
+    trainer = ChattuneTrainer(
+        model=model, args=args, train_dataset=data.train_rows, eval_dataset=data.eval_rows, processing_class=tokenizer,
+        data_collator=PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None),
+        callbacks=[MetricsLogger(out), control],
+    )
+    report(estimate(trainer.model, cfg.train.batch_size, cfg.data.max_length, precision,
+                    cfg.train.gradient_checkpointing, device, selective_head=trainer.selective))
+    return trainer, signals, control
+
+
+def finish(cfg: Config, trainer, tokenizer, data, result, out: Path, device: str, precision: str) -> dict:
+    """Final evaluation, the model directory with results.json, and the run report."""
+    from chattune.artifacts.report import write_run_report
+    from chattune.training import steps
+
+    final = trainer.evaluate() if data.eval_rows is not None else {}
+    results = {"train": result.metrics, "eval": final, "max_length": cfg.data.max_length,
+               "data": {"train": vars(data.train_stats), "eval": vars(data.eval_stats) if data.eval_stats else None},
+               "device": device, "precision": precision}
+    steps.save(cfg, trainer, tokenizer, out, results)
+    if trainer.is_world_process_zero():
+        write_run_report(cfg, out, tokenizer, data.train_split, data.eval_split, data.eval_rows)
+    return {"output_dir": str(out), "train": result.metrics, "eval": final}

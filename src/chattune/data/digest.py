@@ -1,0 +1,35 @@
+"""Fingerprints that name cached data: one for chattune's data code, one for a tokenizer.
+
+A cache entry (datasets' map cache, the prepared-data cache) is named by what decides its content, so
+a changed converter, template or tokenizer never reuses rows an older one produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from importlib import resources
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A hash of every source file of chattune.data (converters, checks, template, tokenization)."""
+    h = hashlib.sha256()
+    root = resources.files("chattune.data")
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith((".py", ".jinja")):
+            h.update(entry.name.encode())
+            h.update(entry.read_bytes())
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A hash of everything about a tokenizer that decides token ids: its full backend definition
+    (vocabulary, merges, normalizer, added tokens), chat template and special tokens."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    h.update(definition.encode())
+    h.update(json.dumps([tokenizer.chat_template, tokenizer.special_tokens_map], sort_keys=True, default=str).encode())
+    return h.hexdigest()

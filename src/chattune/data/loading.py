@@ -1,0 +1,244 @@
+"""Loading a split: read a source, convert rows to canonical messages, validate them.
+
+Every problem is found before any model is loaded, and reported with where it is (file and line or
+row), what is wrong and how to fix it; `skip_invalid` trains on the valid rows instead and keeps
+the rejected ones, each with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chattune.data.digest import code_digest
+from chattune.data.formats import detect_format, optional_columns, required_columns, to_canonical
+from chattune.data.sources import Part, load_parts
+from chattune.data.validate import (
+    FIXES,
+    Reason,
+    check_messages,
+    check_text,
+    fast_checkable,
+    suspect_rows,
+    suspect_texts,
+)
+from chattune.errors import DataError
+
+MAX_SHOWN = 5
+
+
+@dataclass
+class Problem:
+    where: str  # "data/train.jsonl line 7", "ds [train] row 12"
+    reason: Reason  # str, with .kind
+    row: object  # the original row, or the text of a line that is not JSON
+
+
+@dataclass
+class LoadedSplit:
+    dataset: object  # datasets.Dataset with one column: 'messages' (or 'text' for the text format)
+    format: str
+    name: str
+    rejected: list  # Problems skipped with skip_invalid
+    info: dict = field(default_factory=dict)  # notes for the log (ignored columns)
+
+
+def concat_splits(datasets: list, formats: set, name: str, rejected: list, ignored: set) -> LoadedSplit:
+    """Canonical datasets of one or several sources as one split; plain text cannot join chat data."""
+    from datasets import concatenate_datasets
+
+    if "text" in formats and len(formats) > 1:
+        raise DataError(f"{name}: plain-text (continued pre-training) data cannot be mixed with chat data in one "
+                        f"run (formats found: {', '.join(sorted(formats))})")
+    if len(datasets) > 1:
+        target = canonical_features("text" if formats == {"text"} else "messages")
+        datasets = [d if d.features == target else d.cast(target) for d in datasets]
+    return LoadedSplit(dataset=datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets),
+                       format="+".join(sorted(formats)), name=name, rejected=rejected,
+                       info={"ignored_columns": sorted(ignored)} if ignored else {})
+
+
+def canonical_features(fmt: str):
+    from datasets import Features, List, Value
+
+    if fmt == "text":
+        return Features({"text": Value("string")})
+    return Features({"messages": List({"role": Value("string"), "content": Value("string")})})
+
+
+
+def _resolve_format(columns_found: list[str], fmt: str, columns: dict, where: str) -> str:
+    if fmt == "auto":
+        return detect_format(columns_found, columns, where=where)
+    missing = [c for c in required_columns(fmt, columns) if c not in columns_found]
+    if missing:
+        raise DataError(f"{where}: format {fmt} needs column(s) {missing}, found {sorted(columns_found)}. Rename "
+                        "columns with data.columns in the config, e.g. columns: {messages: dialog}")
+    return fmt
+
+
+def _from_python(part: Part, fmt: str, columns: dict, limit: int | None):
+    """A JSON file Arrow could not read: convert and check each parsed row in Python."""
+    from datasets import Dataset
+
+    rows = part.rows[:limit] if limit is not None else part.rows
+    found = sorted({k for r in rows if isinstance(r, dict) for k in r})
+    fmt = _resolve_format(found, fmt, columns, part.label)
+    values, problems = [], []
+    for i, row in enumerate(rows):
+        if i in part.bad:
+            reason, raw = part.bad[i]
+            problems.append(Problem(part.locate(i), reason, raw))
+            continue
+        value, reason = to_canonical(row, fmt, columns)
+        if reason:
+            problems.append(Problem(part.locate(i), reason, row))
+        else:
+            values.append(value)
+    col = "text" if fmt == "text" else "messages"
+    return Dataset.from_dict({col: values}, features=canonical_features(fmt)), fmt, problems, len(rows), found
+
+
+def _from_arrow(part: Part, fmt: str, columns: dict, limit: int | None):
+    raw = part.dataset
+    if limit is not None and limit < len(raw):
+        raw = raw.select(range(limit))
+    fmt = _resolve_format(raw.column_names, fmt, columns, part.label)
+    col = columns.get(fmt, fmt)
+    problems = []
+    if fmt in ("messages", "text") and col in raw.column_names:
+        arrow_type = raw.features.arrow_schema.field(col).type
+        fast = fast_checkable(arrow_type) if fmt == "messages" else (str(arrow_type) in ("string", "large_string"))
+        if fast:
+            # already canonical: keep the column (no copy), check it with Arrow, explain the suspects in Python
+            ds = raw.select_columns([col])
+            if col != fmt:
+                ds = ds.rename_column(col, fmt)
+            table = ds.with_format("arrow")[:]
+            suspects = suspect_rows(table.column(fmt)) if fmt == "messages" else suspect_texts(table.column(fmt))
+            check = check_messages if fmt == "messages" else check_text
+            for i in suspects.tolist():
+                reason = check(ds[i][fmt])
+                if reason:
+                    problems.append((i, reason))
+            return _keep_valid(ds, problems), fmt, _problems(part, problems), len(raw), raw.column_names
+    out_col = "text" if fmt == "text" else "messages"
+
+    def convert(batch):
+        rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        values, kinds, reasons = [], [], []
+        for row in rows:
+            value, reason = to_canonical(row, fmt, columns)
+            values.append(value if reason is None else ("" if fmt == "text" else []))
+            kinds.append(reason.kind if reason else None)
+            reasons.append(str(reason) if reason else None)
+        return {out_col: values, "_kind": kinds, "_reason": reasons}
+
+    import pyarrow.compute as pc
+    from datasets import Features, Value
+
+    # named by data, format and converter code: datasets' own hash of `convert` would miss code changes
+    fingerprint = hashlib.sha256(json.dumps([raw._fingerprint, fmt, columns, code_digest()],
+                                            sort_keys=True).encode()).hexdigest()[:32]
+    features = Features({**canonical_features(fmt), "_kind": Value("string"), "_reason": Value("string")})
+    mapped = raw.map(convert, batched=True, remove_columns=raw.column_names, new_fingerprint=fingerprint,
+                     features=features, desc=f"Converting {fmt}")
+    table = mapped.with_format("arrow")[:]
+    bad = np.flatnonzero(pc.is_valid(table.column("_reason")).to_numpy(zero_copy_only=False))
+    kinds, reasons = table.column("_kind").take(bad).to_pylist(), table.column("_reason").take(bad).to_pylist()
+    problems = [(i, Reason(k, r)) for i, k, r in zip(bad.tolist(), kinds, reasons)]
+    ds = mapped.select_columns([out_col])
+    return _keep_valid(ds, problems), fmt, _problems(part, problems), len(raw), raw.column_names
+
+
+def _keep_valid(ds, problems: list):
+    if not problems:
+        return ds
+    keep = np.ones(len(ds), dtype=bool)
+    keep[[i for i, _ in problems]] = False
+    return ds.select(np.flatnonzero(keep))
+
+
+def _problems(part: Part, found: list) -> list[Problem]:
+    return [Problem(part.locate(i), reason, part.raw(i)) for i, reason in found]
+
+
+def report(name: str, problems: list[Problem], total: int, valid: int) -> str:
+    """Problems counted by kind, with the fix for each, then the first few with where they are."""
+    counts = Counter(p.reason.kind for p in problems)
+    lines = [f"{name}: {len(problems)} invalid row(s) of {total}"]
+    for kind, n in counts.most_common():
+        lines.append(f"  {kind}: {n} (fix: {FIXES.get(kind, 'see the reason')})")
+    lines.append("  first problems:")
+    lines += [f"    {p.where}: {p.reason}" for p in problems[:MAX_SHOWN]]
+    if len(problems) > MAX_SHOWN:
+        lines.append(f"    ... and {len(problems) - MAX_SHOWN} more")
+    lines.append(f"Fix these rows, or pass --skip-invalid to train on the {valid} valid row(s) (each rejected row is "
+                 "written to OUTPUT/rejected.jsonl with its reason)" if valid else
+                 "No row is usable, so there is nothing to train on.")
+    return "\n".join(lines)
+
+
+def load_conversations(source: str, split: str, fmt: str = "auto", columns: dict | None = None,
+                       config_name: str | None = None, revision: str | None = None,
+                       skip_invalid: bool = False, max_samples: int | None = None) -> LoadedSplit:
+    """One split of a source as canonical conversations (or texts), every row checked.
+
+    max_samples reads only the first rows (across the source's files, in order)."""
+    columns = columns or {}
+    name = f"{source} [{split}]"
+    pieces, formats, problems, read, ignored = [], set(), [], 0, set()
+    for part in load_parts(source, split, config_name, revision):
+        limit = None if max_samples is None else max_samples - read
+        if limit is not None and limit <= 0:
+            break
+        loader = _from_python if part.rows is not None else _from_arrow
+        ds, f, found, n, cols = loader(part, fmt, columns, limit)
+        pieces.append(ds)
+        formats.add(f)
+        problems += found
+        read += n
+        used = set(required_columns(f, columns) + optional_columns(f, columns))
+        ignored |= {c for c in cols if c not in used}
+    valid = sum(len(d) for d in pieces)
+    if problems and not (skip_invalid and valid):
+        raise DataError(report(name, problems, read, valid))
+    if valid == 0:
+        raise DataError(f"{name}: no rows - nothing to train on")
+    return concat_splits(pieces, formats, name, problems if skip_invalid else [], ignored)
+
+
+def _content_key(value) -> int:
+    """A stable hash of a conversation's content: duplicates land on the same side of a split."""
+    blob = json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big")
+
+
+def holdout_split(ds, fraction: float):
+    """Deterministic held-out split by content hash: the same data always splits the same way, and
+    a conversation that appears twice is never on both sides."""
+    col = "text" if "text" in ds.column_names else "messages"
+    keys = np.array([_content_key(v) for batch in ds.select_columns([col]).iter(batch_size=4096)
+                     for v in batch[col]], dtype=np.uint64)
+    cut = np.uint64(min(int(fraction * 2**64), 2**64 - 1))
+    held = np.flatnonzero(keys < cut)
+    if not len(held):  # a tiny set: take the row with the smallest key
+        held = np.array([int(np.argmin(keys))])
+    train = np.setdiff1d(np.arange(len(keys)), held)
+    if not len(train):
+        raise DataError(f"--eval-fraction {fraction} leaves no training rows out of {len(keys)}")
+    return ds.select(train), ds.select(held)
+
+
+
+def sample_prompts(conversations, n: int) -> list[tuple[list[dict], str]]:
+    """(conversation up to its last assistant reply, that reply) for the first n conversations."""
+    out = []
+    for conv in conversations[:n]:
+        last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+        out.append(([{"role": m["role"], "content": m["content"]} for m in conv[:last]], conv[last]["content"]))
+    return out

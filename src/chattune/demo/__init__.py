@@ -1,0 +1,1 @@
+"""Assets chattune builds itself, offline: task data sets, tokenizers and tiny models."""

@@ -1,0 +1,58 @@
+"""chattune's config mapped onto the Trainer's arguments: one mapping for every trainer (SFT, DPO)."""
+
+from __future__ import annotations
+
+
+def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
+    """transformers TrainingArguments fields from chattune's config: what every trainer (SFT, DPO) shares."""
+    t = cfg.train
+    eval_strategy = ("steps" if t.eval_steps else "epoch") if has_eval else "no"
+    return dict(
+        output_dir=t.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=use_cpu,
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "epoch",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to="none",
+        dataloader_num_workers=t.num_workers,
+        # page-locked host memory only speeds copies to a GPU; on a CPU it is a wasted copy
+        dataloader_pin_memory=not use_cpu,
+        include_num_input_tokens_seen="non_padding",
+        # rows of similar length share a batch, so little compute goes to padding
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        # a NaN must reach the log and the guard, not be replaced by the running mean
+        logging_nan_inf_filter=False,
+        # every parameter gets a gradient each step; searching for unused ones costs a graph walk
+        ddp_find_unused_parameters=False,
+    )
+
+
+def sft_args(cfg, precision: str, has_eval: bool, use_cpu: bool):
+    """TRL's SFTConfig for chattune's rows."""
+    from trl import SFTConfig
+
+    # the data arrives tokenized, with labels; TRL must not re-tokenize, truncate or pack it
+    return SFTConfig(**trainer_kwargs(cfg, precision, has_eval, use_cpu), dataset_kwargs={"skip_prepare_dataset": True},
+                     max_length=None, packing=False)

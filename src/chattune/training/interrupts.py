@@ -1,0 +1,159 @@
+"""Stopping well: Ctrl-C or SIGTERM saves a checkpoint at the next step boundary, a NaN or infinite
+loss stops the run at the step it happened (without saving the broken weights), and a timer asks
+for a checkpoint every N minutes.
+
+Every decision is taken at a step boundary and agreed across processes (one small all-reduce per
+step), because ranks that disagree about saving or stopping would wait on each other for ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from chattune.errors import ChattuneError
+from chattune.training.checkpoints import newest_complete
+from chattune.training.distributed import any_rank
+
+log = logging.getLogger("chattune")
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class TrainingInterrupted(ChattuneError):
+    """The run stopped on a signal after saving a checkpoint; the message says how to resume."""
+
+    prefix = ""
+
+    def __init__(self, message: str, signum: int, quiet: bool = False):
+        super().__init__(message)
+        self.exit_code = EXIT_CODES.get(signum, 130)
+        self.quiet = quiet  # the same message from every process would only repeat rank 0's
+
+
+class NonFiniteLoss(ChattuneError):
+    """The loss became NaN or infinite; training stopped before saving the broken weights."""
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM set a flag instead of killing the process; a second Ctrl-C
+    stops at once (KeyboardInterrupt) for a user who does not want to wait for the checkpoint."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, then "
+                    "stopping" + (" (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""))
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in EXIT_CODES:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class StepControl(TrainerCallback):
+    """Stop or save at step boundaries: on a signal, on a non-finite loss, and on a save timer."""
+
+    def __init__(self, signals: StopSignals | None = None, save_minutes: float | None = None):
+        self.signals = signals
+        self.save_seconds = save_minutes * 60 if save_minutes else None
+        self._bad = None  # a tensor flag: checking it every micro-batch would sync the GPU each time
+        self._last_save = time.monotonic()
+        self.nonfinite_step: int | None = None
+        self.stopped_at: int | None = None
+        self.stop_signal: int | None = None
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Called by the trainer with every micro-batch's loss."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._bad = bad if self._bad is None else (self._bad | bad)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_save = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        bad = bool(self._bad.item()) if self._bad is not None else False
+        self._bad = None
+        signalled = self.signals is not None and self.signals.received is not None
+        due = self.save_seconds is not None and time.monotonic() - self._last_save >= self.save_seconds
+        bad, signalled, due = any_rank([bad, signalled, due], args.device)
+        if bad:
+            self.nonfinite_step = state.global_step
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+        elif signalled:
+            self.stopped_at = state.global_step
+            self.stop_signal = (self.signals.received if self.signals and self.signals.received
+                                else signal.SIGTERM)  # another process got it
+            control.should_save = True
+            control.should_training_stop = True
+        elif due:
+            control.should_save = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.nonfinite_step is not None:
+            control.should_save = False  # the epoch-end save would write the broken weights
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self._last_save = time.monotonic()
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command that continues this run: the same arguments, with --resume (and no explicit path)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "rerun the same launch command (torchrun or accelerate launch) with --resume added"
+    if argv[:1] != ["train"]:  # run_train called from Python
+        return "run the same training again with train.resume set to true"
+    kept, skip_value = [], False
+    for a in argv:
+        if skip_value:
+            skip_value = False
+            if not a.startswith("-"):
+                continue
+        if a == "--resume":
+            skip_value = True
+            continue
+        if a.startswith("--resume="):
+            continue
+        kept.append(a)
+    return "chattune " + shlex.join(kept + ["--resume"])
+
+
+def nonfinite_error(step: int, out) -> NonFiniteLoss:
+    found, _ = newest_complete(out)
+    kept = (f"The last good checkpoint, {found}, is kept (--resume continues from it, with the learning-rate "
+            "schedule it was saved with)" if found is not None else "No checkpoint had been saved before it")
+    return NonFiniteLoss(f"the loss became NaN or infinite at step {step}; training stopped without saving that "
+                         f"step's weights. {kept}. Check the data, or start a new run with a lower --lr or a longer "
+                         "--warmup")
+
+
+def interrupted_error(control: StepControl, out, quiet: bool = False) -> TrainingInterrupted:
+    name = signal.Signals(control.stop_signal).name
+    found, _ = newest_complete(out)
+    saved = f"checkpoint saved to {found}" if found is not None else "no checkpoint could be saved"
+    return TrainingInterrupted(f"interrupted by {name} at step {control.stopped_at}: {saved}; resume with: "
+                               f"{resume_command()}", control.stop_signal, quiet=quiet)
