@@ -14,10 +14,10 @@ import json
 import logging
 from pathlib import Path
 
-from chattune.artifacts.render import metric_rows, render
+from chattune.artifacts.render import metric_rows, read_json, render
 from chattune.data.loading import sample_prompts
 from chattune.data.mixture import sources
-from chattune.errors import ReportError
+from chattune.errors import ChattuneError, ReportError
 from chattune.evaluation.compare import score_baseline
 from chattune.inference.generate import generate_replies
 from chattune.model.load import load_chat_model, pick_device
@@ -136,7 +136,11 @@ def write_run_report(cfg, out, tokenizer=None, train_split=None, eval_split=None
 
 def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Path:
     results_path = out / RESULTS_FILE
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    try:
+        results, results_ok = read_json(results_path), True
+    except ChattuneError as e:  # the report still shows curves, samples and config; results.json is left as found
+        log.warning(f"{e}; the report leaves out the final metrics")
+        results, results_ok = {}, False
     source = eval_split if eval_split is not None else train_split
     prompts = []
     if source is not None and source.format != "text":
@@ -148,7 +152,8 @@ def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Pat
         try:
             baseline = evaluate_baseline(cfg, tokenizer, eval_split, eval_rows, prompts, budget)
             results["baseline"] = {k: v for k, v in baseline.items() if k != "sample_replies"}
-            results_path.write_text(json.dumps(results, indent=2, default=str))
+            if results_ok:
+                results_path.write_text(json.dumps(results, indent=2, default=str))
             log.info(f"base model on the same evaluation tokens: loss {baseline['eval_loss']:.4f}")
         except Exception as e:
             log.warning(f"the base model could not be scored for the report: {e}")

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from chattune.data.template import sandbox_errors
 from chattune.data.validate import check_messages
 from chattune.errors import ChattuneError
 from chattune.model.load import context_length
@@ -42,7 +43,9 @@ def sampling_kwargs(temperature: float, top_p: float) -> dict:
 
 
 def prompt_lengths(tokenizer, conversations: list[list[dict]]) -> list[int]:
-    enc = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True)
+    with sandbox_errors(tokenizer):  # the first render of every generation: a blocked template stops here
+        enc = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)
     return [len(ids) for ids in enc["input_ids"]]
 
 
