@@ -176,7 +176,9 @@ def prepare_training_data(cfg, tokenizer, max_length: int | None, out: Path, mai
             for stale in remove_stale(cache_root()):
                 log.info(f"removed {stale}, left by a preparation that did not finish")
         if path.is_dir():
-            cached = _load_cached(path, out, main, len(tokenizer))
+            # ids run up to the tokenizer's size; max() covers tokenizers whose added ids leave gaps
+            vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+            cached = _load_cached(path, out, main, vocab_size)
             if cached is not None:
                 return cached
     with contextlib.nullcontext() if cfg.data.cache else fresh_reads():
