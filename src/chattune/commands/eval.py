@@ -165,7 +165,7 @@ def format_report(r: dict) -> str:
         lines.append(f"  {s['messages'][-1]['role'] + ':':<11}{_one_line(s['messages'][-1]['content'])}"
                      + (f"   (+{earlier} earlier messages)" if earlier else ""))
         if s.get("cut"):
-            lines.append(f"  {'':<11}(prompt cut: {s['cut']})")
+            lines.append(f"  {'':<11}(cut to fit the context: {s['cut']})")
         lines.append(f"  {'reference:':<11}{_one_line(s['reference'])}")
         lines.append(f"  {'model:':<11}{_one_line(s['reply'])}")
         if "baseline_reply" in s:

@@ -51,9 +51,10 @@ def prompt_lengths(tokenizer, conversations: list[list[dict]]) -> list[int]:
 
 def fit_prompt(tokenizer, conversation: list[dict], limit: int) -> tuple[list[dict], str | None]:
     """The conversation cut from the left to at most `limit` prompt tokens, and a note saying what was cut
-    (None when it fits as it is). The oldest messages go first, the system prompt stays while it fits with
-    the rest, and a last message too long alone keeps its end (what the reply answers). Transformers has
-    no such helper: its truncation cuts token ids, which would leave a broken chat template."""
+    ('the oldest 2 message(s) left out'; None when it fits as it is). The oldest messages go first, the
+    system prompt stays while it fits with the rest, and a last message too long alone keeps its end (what
+    the reply answers). Transformers has no such helper: its truncation cuts token ids, which would leave a
+    broken chat template."""
     if prompt_lengths(tokenizer, [conversation])[0] <= limit:
         return conversation, None
     system = conversation[:1] if conversation[0].get("role") == "system" else []
@@ -62,16 +63,14 @@ def fit_prompt(tokenizer, conversation: list[dict], limit: int) -> tuple[list[di
     starts = [s for s in range(1, len(turns)) if turns[s].get("role") == "user" or s == len(turns) - 1]
     for s in starts:
         if prompt_lengths(tokenizer, [system + turns[s:]])[0] <= limit:
-            return system + turns[s:], f"the oldest {s} message(s) left out to fit the context"
+            return system + turns[s:], f"the oldest {s} message(s) left out"
     last = turns[-1]
-    notes = [f"the {len(turns) - 1} earlier message(s)"] if len(turns) > 1 else []
-    if system:
-        notes.append("the system prompt")
+    left_out = " and ".join(([f"the {len(turns) - 1} earlier message(s)"] if len(turns) > 1 else [])
+                            + (["the system prompt"] if system else []))
     if prompt_lengths(tokenizer, [[last]])[0] <= limit:
-        return [last], " and ".join(notes) + " left out to fit the context"
-    return [_keep_end(tokenizer, last, limit)], "; ".join(
-        ([" and ".join(notes) + " left out"] if notes else []) + ["the last message cut to its final tokens to fit "
-                                                                  "the context"])
+        return [last], f"{left_out} left out"
+    return [_keep_end(tokenizer, last, limit)], "; ".join(([f"{left_out} left out"] if left_out else [])
+                                                          + ["the last message cut to its final tokens"])
 
 
 def _keep_end(tokenizer, message: dict, limit: int) -> dict:

@@ -29,7 +29,7 @@ def test_report_on_conversations_longer_than_the_context(model_dir, tmp_path, ca
     capsys.readouterr()
     text = (out / "report.md").read_text()
     assert "## Sample exchanges" in text and "cut from the left to leave room for the reply" in text
-    assert text.count("_Prompt cut to fit the model's context: ") == 3
+    assert text.count("_cut to fit the model's context: ") == 3
     assert "baseline" in json.loads((out / "results.json").read_text())  # the base model was scored too
     assert "| base model |" in text
 

@@ -31,7 +31,7 @@ def test_fit_prompt_drops_the_oldest_turns_and_keeps_system_and_last(trained_dir
     assert prompt_lengths(tok, [fitted])[0] <= limit
     assert fitted[0] == SYSTEM and fitted[-1] == conv[-1] and fitted[1]["role"] == "user"
     assert fitted[1:] == conv[len(conv) - len(fitted) + 1:]  # a suffix of the turns: the newest ones
-    assert note == f"the oldest {len(conv) - len(fitted)} message(s) left out to fit the context"
+    assert note == f"the oldest {len(conv) - len(fitted)} message(s) left out"
     assert fit_prompt(tok, conv[-1:], limit) == (conv[-1:], None)  # a prompt that fits is left alone
 
 
@@ -41,7 +41,7 @@ def test_a_last_message_too_long_alone_keeps_its_end(trained_dir):
     fitted, note = fit_prompt(tok, conv, 40)
     assert prompt_lengths(tok, [fitted])[0] <= 40
     assert [m["role"] for m in fitted] == ["user"] and fitted[0]["content"].endswith("what is 12 + 34")
-    assert "system prompt left out" in note and "last message cut to its final" in note
+    assert note == "the system prompt left out; the last message cut to its final tokens"
 
 
 def test_generate_replies_fits_long_prompts_only_when_asked(trained_dir):
@@ -52,7 +52,7 @@ def test_generate_replies_fits_long_prompts_only_when_asked(trained_dir):
         generate_replies(model, tok, [conv], max_new_tokens=8)
     short = [{"role": "user", "content": "what is 12 + 34"}]
     out = generate_replies(model, tok, [conv, short], max_new_tokens=8, fit="left")
-    assert out[0]["finish_reason"] in ("stop", "length") and "left out to fit the context" in out[0]["cut"]
+    assert out[0]["finish_reason"] in ("stop", "length") and "message(s) left out" in out[0]["cut"]
     assert out[1]["cut"] is None
     assert out[1]["reply"] == generate_replies(model, tok, [short], max_new_tokens=8)[0]["reply"]
 
@@ -64,5 +64,6 @@ def test_eval_samples_answer_conversations_longer_than_the_context(trained_dir, 
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"messages": conv[-2:]}) + "\n")
     result = run_eval(str(trained_dir), dataset=str(path), split="train", samples=2, sample_tokens=8, device="cpu")
-    assert len(result["samples"]) == 2 and "left out to fit the context" in result["samples"][0]["cut"]
-    assert "left out to fit the context" in format_report(result)
+    assert len(result["samples"]) == 2 and "message(s) left out" in result["samples"][0]["cut"]
+    assert result["samples"][1]["cut"] is None
+    assert "(cut to fit the context: the oldest " in format_report(result)
