@@ -15,6 +15,7 @@ from pathlib import Path
 
 from chattune.commands import add_config_arguments, config_from_args
 from chattune.config import Config, validate
+from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
 
@@ -29,6 +30,7 @@ def run(args) -> int:
     return 0
 
 
+@quiet
 def run_train(cfg: Config) -> dict:
     """Fine-tune as `cfg` says; returns the output directory and the final metrics."""
     from chattune.training import steps
@@ -36,6 +38,7 @@ def run_train(cfg: Config) -> dict:
 
     cfg = validate(cfg)
     steps.check_model_kind(cfg)
+    check_tracking_and_stopping(cfg)
     with steps.run_directory(cfg) as (state, resume):
         out = Path(cfg.train.output_dir)
         tokenizer, setup, data = prepare_data(cfg, out, state)
@@ -48,6 +51,15 @@ def run_train(cfg: Config) -> dict:
         trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, device, precision, out)
         result = steps.train(trainer, signals, control, resume, out, state)
         return finish(cfg, trainer, tokenizer, data, result, out, device, precision)
+
+
+def check_tracking_and_stopping(cfg: Config) -> None:
+    """Before any data or weights load: the trackers' packages are installed, and early stopping / --load-best
+    can work (evaluation data, a checkpoint at every evaluation)."""
+    from chattune.training import early_stop, tracking
+
+    tracking.check_installed(cfg.train.report_to)
+    early_stop.check(cfg)
 
 
 def prepare_data(cfg: Config, out: Path, state):
@@ -76,7 +88,7 @@ def prepare_data(cfg: Config, out: Path, state):
 def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precision: str, out: Path):
     from chattune.data.collate import PadCollator
     from chattune.model.memory import estimate, report
-    from chattune.training import steps
+    from chattune.training import early_stop, steps
     from chattune.training.callbacks import MetricsLogger
     from chattune.training.trainer import ChattuneTrainer
 
@@ -84,7 +96,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precis
     trainer = ChattuneTrainer(
         model=model, args=args, train_dataset=data.train_rows, eval_dataset=data.eval_rows, processing_class=tokenizer,
         data_collator=PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None),
-        callbacks=[MetricsLogger(out), control],
+        callbacks=[MetricsLogger(out), control, *early_stop.callbacks(cfg)],
     )
     report(estimate(trainer.model, cfg.train.batch_size, cfg.data.max_length, precision,
                     cfg.train.gradient_checkpointing, device, selective_head=trainer.selective))
@@ -94,12 +106,18 @@ def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precis
 def finish(cfg: Config, trainer, tokenizer, data, result, out: Path, device: str, precision: str) -> dict:
     """Final evaluation, the model directory with results.json, and the run report."""
     from chattune.artifacts.report import write_run_report
-    from chattune.training import steps
+    from chattune.training import early_stop, steps, tracking
 
-    final = trainer.evaluate() if data.eval_rows is not None else {}
+    stopping = early_stop.summary(cfg, trainer)  # before the final evaluation, which early stopping also sees
+    if stopping and trainer.is_world_process_zero():
+        log.info(early_stop.describe(stopping))
+    with tracking.trackers_paused(trainer):
+        final = trainer.evaluate() if data.eval_rows is not None else {}
     results = {"train": result.metrics, "eval": final, "max_length": cfg.data.max_length,
                "data": {"train": vars(data.train_stats), "eval": vars(data.eval_stats) if data.eval_stats else None},
                "device": device, "precision": precision}
+    if stopping:
+        results["stopping"] = stopping
     steps.save(cfg, trainer, tokenizer, out, results)
     if trainer.is_world_process_zero():
         write_run_report(cfg, out, tokenizer, data.train_split, data.eval_split, data.eval_rows)
