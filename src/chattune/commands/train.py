@@ -38,7 +38,7 @@ def run_train(cfg: Config) -> dict:
 
     cfg = validate(cfg)
     steps.check_model_kind(cfg)
-    check_tracking_and_stopping(cfg)
+    steps.check_tracking_and_stopping(cfg)
     with steps.run_directory(cfg) as (state, resume):
         out = Path(cfg.train.output_dir)
         tokenizer, setup, data = prepare_data(cfg, out, state)
@@ -51,15 +51,6 @@ def run_train(cfg: Config) -> dict:
         trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, device, precision, out)
         result = steps.train(trainer, signals, control, resume, out, state)
         return finish(cfg, trainer, tokenizer, data, result, out, device, precision)
-
-
-def check_tracking_and_stopping(cfg: Config) -> None:
-    """Before any data or weights load: the trackers' packages are installed, and early stopping / --load-best
-    can work (evaluation data, a checkpoint at every evaluation)."""
-    from chattune.training import early_stop, tracking
-
-    tracking.check_installed(cfg.train.report_to)
-    early_stop.check(cfg)
 
 
 def prepare_data(cfg: Config, out: Path, state):
@@ -106,13 +97,9 @@ def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precis
 def finish(cfg: Config, trainer, tokenizer, data, result, out: Path, device: str, precision: str) -> dict:
     """Final evaluation, the model directory with results.json, and the run report."""
     from chattune.artifacts.report import write_run_report
-    from chattune.training import early_stop, steps, tracking
+    from chattune.training import steps
 
-    stopping = early_stop.summary(cfg, trainer)  # before the final evaluation, which early stopping also sees
-    if stopping and trainer.is_world_process_zero():
-        log.info(early_stop.describe(stopping))
-    with tracking.trackers_paused(trainer):
-        final = trainer.evaluate() if data.eval_rows is not None else {}
+    final, stopping = steps.final_evaluation(cfg, trainer, data.eval_rows is not None)
     results = {"train": result.metrics, "eval": final, "max_length": cfg.data.max_length,
                "data": {"train": vars(data.train_stats), "eval": vars(data.eval_stats) if data.eval_stats else None},
                "device": device, "precision": precision}
