@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from chattune.training import early_stop
+from chattune.training.tracking import report_to_list, run_name
+
 
 def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
     """transformers TrainingArguments fields from chattune's config: what every trainer (SFT, DPO) shares."""
-    from chattune.training import early_stop
-    from chattune.training.tracking import report_to_list, run_name
-
     t = cfg.train
     eval_strategy = ("steps" if t.eval_steps else "epoch") if has_eval else "no"
     kwargs = dict(
