@@ -21,6 +21,7 @@ from chattune.errors import ConfigError
 from chattune.outputs import CONFIG_FILE
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to: transformers' integrations chattune offers
 
 
 def opt(default: Any = None, help: str = "", flag: str | None = None, choices: tuple | None = None, **kw):
@@ -129,6 +130,16 @@ class TrainConfig:
                                                "the model's value", flag="--attention-dropout")
     eval_baseline: bool = opt(True, "also score the base model on the evaluation split, for the before/after "
                                     "comparison in report.md (one extra evaluation pass)", flag="--eval-baseline")
+    report_to: str = opt("none", f"experiment trackers: none, or any of {', '.join(TRACKERS)} (comma-separated); "
+                                 "TensorBoard writes to OUTPUT/runs/", flag="--report-to")
+    run_name: str | None = opt(None, "the run's name in the trackers (default: the output directory's name)",
+                               flag="--run-name")
+    early_stopping_patience: int | None = opt(None, "stop after N evaluations without the evaluation loss improving",
+                                              flag="--early-stopping-patience")
+    early_stopping_threshold: float = opt(0.0, "an improvement is a drop of more than this",
+                                          flag="--early-stopping-threshold")
+    load_best: bool = opt(False, "the checkpoint with the lowest evaluation loss becomes the final model",
+                          flag="--load-best")
 
 
 @dataclass
@@ -317,7 +328,8 @@ def validate(cfg: Config) -> Config:
     for name, v in {"train.max_steps": t.max_steps, "train.eval_steps": t.eval_steps, "train.save_steps": t.save_steps,
                     "train.eval_batch_size": t.eval_batch_size, "data.max_length": d.max_length,
                     "data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
-                    "train.save_total_limit": t.save_total_limit}.items():
+                    "train.save_total_limit": t.save_total_limit,
+                    "train.early_stopping_patience": t.early_stopping_patience}.items():
         if v is not None and v < 1:
             raise ConfigError(f"{name} must be at least 1 (or unset), got {v}")
     if not t.lr > 0:
@@ -345,6 +357,7 @@ def validate(cfg: Config) -> Config:
     if not cfg.model.name:
         raise ConfigError("model.name is empty: give --model (a hub id or a local directory)")
     _check_entries(d)
+    _check_tracking_and_stopping(t)
     if t.save_minutes is not None and not t.save_minutes > 0:
         raise ConfigError(f"train.save_minutes must be positive (or unset), got {t.save_minutes}")
     lo = cfg.lora
@@ -357,6 +370,15 @@ def validate(cfg: Config) -> Config:
     if lo.merge and not (lo.enabled or lo.qlora):
         raise ConfigError("lora.merge (--merge) needs an adapter run: add --lora or --qlora")
     return cfg
+
+
+def _check_tracking_and_stopping(t: TrainConfig) -> None:
+    unknown = [n for n in t.report_to.lower().replace(" ", "").split(",") if n not in (*TRACKERS, "none", "")]
+    if unknown:
+        raise ConfigError(f"train.report_to: unknown tracker {unknown[0]!r}; give none or one or more of "
+                          f"{', '.join(TRACKERS)} separated by commas")
+    if t.early_stopping_threshold < 0:  # when it can apply at all is checked with the run (training/early_stop.py)
+        raise ConfigError(f"train.early_stopping_threshold must be >= 0, got {t.early_stopping_threshold}")
 
 
 def _check_entries(d: DataConfig) -> None:

@@ -18,6 +18,7 @@ from chattune.config import Config, validate
 from chattune.demo import addition, assets
 from chattune.errors import ChattuneError
 from chattune.outputs import QUICKSTART_MARKER, TASK_SCORE_FILE
+from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
 METRIC = "addition_exact_match"
@@ -81,6 +82,7 @@ def _prepare_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+@quiet
 def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200) -> dict:
     import torch
 
