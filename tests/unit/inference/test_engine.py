@@ -59,6 +59,21 @@ def _collect(q: queue.Queue) -> dict:
             "finish_reason": events[-1].finish_reason}
 
 
+def _held(q: queue.Queue, gate: threading.Event):
+    """A sink that holds the worker at a request's first event until `gate` is set: what arrives meanwhile
+    waits, and joins at the next step boundary (deterministically, whatever the machine's speed)."""
+
+    first = [True]
+
+    def sink(event):
+        q.put(event)
+        if first:
+            first.clear()
+            assert gate.wait(60)
+
+    return sink
+
+
 def _submit(engine, convs, params=GREEDY) -> list[queue.Queue]:
     qs = [queue.Queue() for _ in convs]
     for c, q in zip(convs, qs):
@@ -85,14 +100,8 @@ def test_one_padded_batch_equals_generate_replies(chat_model, engine, expected):
 def test_requests_joining_a_running_batch_keep_their_replies(engine, expected):
     """A is generating (its worker held at its first token) when B, C, D arrive: they join A's batch."""
     gate, qa = threading.Event(), queue.Queue()
-
-    def hold_first(event):
-        qa.put(event)
-        if qa.qsize() == 1:
-            assert gate.wait(60)
-
     long = SamplingParams(max_tokens=60, temperature=0, logit_bias=_no_stop(engine))
-    engine.submit(engine.encode_chat(CONVERSATIONS[0]), long, hold_first)
+    engine.submit(engine.encode_chat(CONVERSATIONS[0]), long, _held(qa, gate))
     engine.start()
     qa.get(timeout=60)  # A has its first token; the worker waits in A's sink
     qs = _submit(engine, CONVERSATIONS[1:4])
@@ -101,6 +110,20 @@ def test_requests_joining_a_running_batch_keep_their_replies(engine, expected):
     rest = _collect(qa)
     assert (rest["finish_reason"], rest["tokens"]) == ("length", 60)
     assert engine.stats["peak_batch"] == 4
+
+
+def test_a_cache_that_cannot_be_joined_makes_new_requests_wait(engine, expected, monkeypatch):
+    """The fallback for caches batch_cache does not handle: B waits for A's batch to end, then runs alone."""
+    monkeypatch.setattr(batch_cache, "joinable", lambda cache: False)
+    gate, qa = threading.Event(), queue.Queue()
+    params = SamplingParams(max_tokens=30, temperature=0, logit_bias=_no_stop(engine))
+    engine.submit(engine.encode_chat(CONVERSATIONS[0]), params, _held(qa, gate))
+    engine.start()
+    qa.get(timeout=60)
+    (qb,) = _submit(engine, CONVERSATIONS[1:2])
+    gate.set()
+    assert _collect(qb) == expected[1] and _collect(qa)["tokens"] == 30
+    assert engine.stats["peak_batch"] == 1
 
 
 def test_joined_and_trimmed_caches_give_each_row_its_own_logits(chat_model):
@@ -196,14 +219,8 @@ def test_seeded_sampling_repeats_whatever_it_is_batched_with(engine):
 
 def test_a_cancelled_request_leaves_the_batch(engine):
     gate, q = threading.Event(), queue.Queue()
-
-    def hold_first(event):
-        q.put(event)
-        if q.qsize() == 1:
-            assert gate.wait(60)
-
     params = SamplingParams(max_tokens=90, temperature=0, logit_bias=_no_stop(engine))
-    req = engine.submit(engine.encode_chat(CONVERSATIONS[0]), params, hold_first)
+    req = engine.submit(engine.encode_chat(CONVERSATIONS[0]), params, _held(q, gate))
     engine.start()
     q.get(timeout=60)
     req.cancel()
