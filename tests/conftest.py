@@ -72,6 +72,22 @@ def start_cli():
     return start
 
 
+# the tests' tiny models run fastest on one thread, and on a busy machine more threads spin waiting for each
+# other (30x slower measured under load); results do not depend on it
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread in this test process for a module (see ONE_THREAD); the previous count after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class ServerProcess:
     """`python -m chattune serve` running in the background on a free loopback port; stdout and stderr go to
     `log`. `ready()` waits until it answers /health; `stop(sig)` returns its exit status."""
@@ -111,13 +127,14 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def start_server():
-    """Start `python -m chattune serve MODEL --port 0 ARGS` in the background: start_server(model, *args, log=PATH,
-    env=None) -> ServerProcess; call .ready() before using .url (other set-up can run while it loads)."""
+    """Start `python -m chattune serve MODEL --port 0 ARGS` (on one thread) in the background: start_server(model,
+    *args, log=PATH, env=None) -> ServerProcess; call .ready() before using .url (other set-up can run while it
+    loads)."""
 
     def start(model, *args, log: Path, env: dict | None = None) -> ServerProcess:
         with open(log, "w") as f:
             proc = subprocess.Popen(cli_command("serve", model, "--port", 0, *args), stdout=f, stderr=subprocess.STDOUT,
-                                    env=cli_env(env), cwd=ROOT)
+                                    env=cli_env({**ONE_THREAD, **(env or {})}), cwd=ROOT)
         return ServerProcess(proc, log)
 
     return start

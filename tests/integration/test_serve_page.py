@@ -12,6 +12,7 @@ import pytest
 from chattune.inference.generate import generate_replies
 from chattune.model.load import load_chat_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 

@@ -127,7 +127,8 @@ class Engine:
         self._waiting: list[Request] = []
         self._closing = False
         self._thread: threading.Thread | None = None
-        self.stats = {"running": 0, "waiting": 0, "peak_batch": 0, "requests": 0, "cancelled": 0}
+        # requests: started; joined: of those, started inside a running batch (continuous batching at work)
+        self.stats = {"running": 0, "waiting": 0, "peak_batch": 0, "requests": 0, "joined": 0, "cancelled": 0}
 
     # ---- prompts -------------------------------------------------------------------------------
 
@@ -212,6 +213,8 @@ class Engine:
             while (new := self._take(running)) is not None:
                 try:
                     if new and (group := self._prefill(new)) is not None:
+                        if running is not None:
+                            self.stats["joined"] += len(group.rows)
                         running = running.join(group) if running else group
                     if running is not None:
                         running = self._step(running)

@@ -17,6 +17,7 @@ from chattune.inference.engine import SHUTTING_DOWN, Engine, PromptTooLong
 from chattune.inference.generate import generate_replies
 from chattune.model.load import load_chat_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 12 + 34?"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 10 and 20."}],
@@ -109,7 +110,7 @@ def test_requests_joining_a_running_batch_keep_their_replies(engine, expected):
     assert [_collect(q) for q in qs] == expected[1:4]
     rest = _collect(qa)
     assert (rest["finish_reason"], rest["tokens"]) == ("length", 60)
-    assert engine.stats["peak_batch"] == 4
+    assert (engine.stats["peak_batch"], engine.stats["joined"]) == (4, 3)
 
 
 def test_a_cache_that_cannot_be_joined_makes_new_requests_wait(engine, expected, monkeypatch):
@@ -123,7 +124,7 @@ def test_a_cache_that_cannot_be_joined_makes_new_requests_wait(engine, expected,
     (qb,) = _submit(engine, CONVERSATIONS[1:2])
     gate.set()
     assert _collect(qb) == expected[1] and _collect(qa)["tokens"] == 30
-    assert engine.stats["peak_batch"] == 1
+    assert (engine.stats["peak_batch"], engine.stats["joined"]) == (1, 0)
 
 
 def test_joined_and_trimmed_caches_give_each_row_its_own_logits(chat_model):

@@ -16,6 +16,7 @@ import torch
 from chattune.inference.generate import generate_replies, stop_token_ids
 from chattune.model.load import load_chat_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONVS = [
     [{"role": "user", "content": "What is 12 + 34?"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 10 and 20."}],
@@ -221,7 +222,7 @@ def test_concurrent_requests_join_one_batch_and_each_gets_its_own_reply(client, 
         conn.close()
     assert [r.choices[0].message.content for r in replies] == expected
     health = _wait_for(server, lambda h: h["running"] == 0)
-    assert health["requests"] - before["requests"] == 9 and health["peak_batch"] >= 2
+    assert health["requests"] - before["requests"] == 9 and health["joined"] > before["joined"]
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, chat_model):
