@@ -246,6 +246,7 @@ def main(argv=None) -> int:
     results["setup"] = {"clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
                         "repeats": args.repeats, "model": args.model or args.url, "cpus": os.cpu_count(),
                         "cpu": cpu_name(), "torch": version("torch"), "transformers": version("transformers"),
+                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),  # the servers' torch threads
                         "load_average_before": load_before, "load_average_after": os.getloadavg(),
                         "date": time.strftime("%Y-%m-%d %H:%M")}
     md = table(results)

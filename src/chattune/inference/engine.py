@@ -88,6 +88,10 @@ class _Batch:
     mask: torch.Tensor  # (rows, cached positions); 0 where a row is left-padded
     tokens: torch.Tensor  # (rows,) the last sampled tokens, fed at the next step
 
+    @property
+    def requests(self) -> list[Request]:
+        return [r.request for r in self.rows]
+
     def select(self, keep: list[int]) -> _Batch | None:
         """This batch without the other rows; None when no row is left."""
         if not keep:
@@ -114,7 +118,8 @@ class Engine:
         self.context = context_length(model.config)
         self.default_max_tokens = default_max_tokens  # used only when the model states no context length
         self.stop_ids = set(stop_token_ids(model, tokenizer))
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        head = model.get_output_embeddings()
+        self.vocab_size = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
         self.device = next(model.parameters()).device
@@ -211,24 +216,30 @@ class Engine:
         running: _Batch | None = None
         with torch.inference_mode():
             while (new := self._take(running)) is not None:
-                try:
-                    if new and (group := self._prefill(new)) is not None:
-                        if running is not None:
-                            self.stats["joined"] += len(group.rows)
-                        running = running.join(group) if running else group
-                    if running is not None:
-                        running = self._step(running)
-                except Exception as e:  # a failed batch must not take the server down: its requests get the error
-                    log.exception("generation failed")
-                    hit = new + ([r.request for r in running.rows] if running else [])
-                    for req in {id(r): r for r in hit}.values():
-                        if not req.done:
-                            self._emit(req, Event(error=f"generation failed: {type(e).__name__}: {e}"))
-                    running = None
+                # a failure must not take the server down: the requests it hit get the error, the others go on
+                group = self._guarded(new, self._prefill, new) if new else None
+                if group is not None and running is not None:
+                    self.stats["joined"] += len(group.rows)
+                    running = self._guarded(running.requests + group.requests, running.join, group)
+                else:
+                    running = running or group
+                if running is not None:
+                    running = self._guarded(running.requests, self._step, running)
                 self.stats["running"] = len(running.rows) if running else 0
         for row in running.rows if running else []:
             self._emit(row.request, Event(error=SHUTTING_DOWN))
         self.stats["running"] = 0
+
+    def _guarded(self, requests: list[Request], work, *args):
+        """work(*args), or None after its failure has been logged and sent to `requests` that have not ended."""
+        try:
+            return work(*args)
+        except Exception as e:
+            log.exception("generation failed")
+            for req in requests:
+                if not req.done:
+                    self._emit(req, Event(error=f"generation failed: {type(e).__name__}: {e}"))
+            return None
 
     def _take(self, running: _Batch | None) -> list[Request] | None:
         """Requests to start now: when idle, wait for one, then up to `batch_wait` for others arriving with

@@ -248,6 +248,28 @@ def test_a_failing_batch_reports_an_error_and_the_engine_goes_on(engine, monkeyp
     assert engine.generate(ids, GREEDY).finish_reason in ("stop", "length")
 
 
+def test_a_failing_prefill_of_joining_requests_leaves_the_running_batch_alone(engine, monkeypatch):
+    real, prefills = engine._forward, []
+
+    def fail_second_prefill(input_ids, *args):
+        if input_ids.shape[1] > 1:  # a prefill (a decoding step feeds one token per row)
+            prefills.append(1)
+            if len(prefills) == 2:
+                raise RuntimeError("boom")
+        return real(input_ids, *args)
+
+    monkeypatch.setattr(engine, "_forward", fail_second_prefill)
+    gate, qa = threading.Event(), queue.Queue()
+    params = SamplingParams(max_tokens=30, temperature=0, logit_bias=_no_stop(engine))
+    engine.submit(engine.encode_chat(CONVERSATIONS[0]), params, _held(qa, gate))
+    engine.start()
+    qa.get(timeout=60)
+    (qb,) = _submit(engine, CONVERSATIONS[1:2])
+    gate.set()
+    assert qb.get(timeout=60).error == "generation failed: RuntimeError: boom"
+    assert _collect(qa)["tokens"] == 30
+
+
 def test_close_ends_waiting_requests_and_refuses_new_ones(chat_model):
     engine = Engine(*chat_model)
     q = queue.Queue()
