@@ -12,15 +12,15 @@ import pytest
 from chattune.inference.generate import generate_replies
 from chattune.model.load import load_chat_model
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
+pytestmark = [pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="the page test needs Chromium and its driver "
+                                 "(Debian: apt-get install chromium chromium-driver)"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture()
 def browser(tmp_path):
-    if not (CHROMIUM and DRIVER):
-        pytest.skip("the page test needs Chromium and its driver (Debian: apt-get install chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="the page test needs selenium (pip install -e "
                                                                  "'.[test]')")
     from selenium.webdriver.chrome.service import Service
