@@ -30,6 +30,7 @@ _LAZY = {
     "run_chat": "chattune.commands.chat",
     "run_push": "chattune.commands.push",
     "run_quickstart": "chattune.commands.quickstart",
+    "run_server": "chattune.commands.serve",
     "ChatSession": "chattune.inference.chat",
     "generate_replies": "chattune.inference.generate",
     "load_chat_model": "chattune.model.load",
