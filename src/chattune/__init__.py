@@ -29,6 +29,7 @@ _LAZY = {
     "run_generate": "chattune.commands.generate",
     "run_chat": "chattune.commands.chat",
     "run_push": "chattune.commands.push",
+    "run_export": "chattune.commands.export",
     "run_quickstart": "chattune.commands.quickstart",
     "ChatSession": "chattune.inference.chat",
     "generate_replies": "chattune.inference.generate",

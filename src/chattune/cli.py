@@ -29,6 +29,7 @@ COMMANDS = {
     "generate": ("generate", "answer every prompt of a JSONL file, in batches"),
     "merge": ("merge", "merge a LoRA adapter into its base model: a standalone model directory"),
     "push": ("push", "upload a model directory with a generated model card to the Hugging Face hub"),
+    "export": ("export", "export the model for llama.cpp, Ollama and LM Studio (GGUF)"),
 }
 
 
