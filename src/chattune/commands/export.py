@@ -15,6 +15,7 @@ from pathlib import Path
 from chattune.commands import default
 from chattune.errors import ChattuneError
 from chattune.outputs import ADAPTER_CONFIG_FILE, MERGED_DIR
+from chattune.verbosity import quiet_libraries
 
 FORMATS = ("gguf", "ollama")
 # the keys of chattune.artifacts.gguf.DTYPES (a test holds them equal): --help must not import the writer
@@ -40,11 +41,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # loading a model takes a second; its bar would only clutter the summary
-    r = run_export(args.model, args.output_dir, fmt=args.format, dtype=args.dtype, name=args.name,
-                   system=args.system, overwrite=args.overwrite)
+    with quiet_libraries():  # loading a model takes a second; its bar would only clutter the summary
+        r = run_export(args.model, args.output_dir, fmt=args.format, dtype=args.dtype, name=args.name,
+                       system=args.system, overwrite=args.overwrite)
     print("\n".join(summary(r)))
     return 0
 
