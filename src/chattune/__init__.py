@@ -29,6 +29,7 @@ _LAZY = {
     "run_generate": "chattune.commands.generate",
     "run_chat": "chattune.commands.chat",
     "run_push": "chattune.commands.push",
+    "run_export": "chattune.commands.export",
     "run_quickstart": "chattune.commands.quickstart",
     "run_server": "chattune.commands.serve",
     "ChatSession": "chattune.inference.chat",

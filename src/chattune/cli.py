@@ -30,6 +30,7 @@ COMMANDS = {
     "serve": ("serve", "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
     "merge": ("merge", "merge a LoRA adapter into its base model: a standalone model directory"),
     "push": ("push", "upload a model directory with a generated model card to the Hugging Face hub"),
+    "export": ("export", "export the model for llama.cpp, Ollama and LM Studio (GGUF)"),
 }
 
 
