@@ -30,9 +30,20 @@ DEFAULT_STEPS = 900
 def add_arguments(p) -> None:
     p.add_argument("--output-dir", default="quickstart-out", help="where to build and train (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--task", choices=("addition", "dpo"), default="addition",
+                   help="addition: answer sums (default); dpo: the two-stage recipe, fine-tuning on chat data that "
+                        "teaches the model to decline some sums, then `chattune dpo` on preference pairs that prefer "
+                        "the answer (--max-steps: the first stage)")
+    p.add_argument("--dpo-steps", type=int, default=None, help="--task dpo: DPO optimizer steps (default: 60)")
 
 
 def run(args) -> int:
+    if args.task == "dpo":
+        from chattune.commands.quickstart_dpo import print_summary
+
+        print_summary(run_dpo_quickstart(args.output_dir, max_steps=args.max_steps, dpo_steps=args.dpo_steps),
+                      args.output_dir)
+        return 0
     r = run_quickstart(args.output_dir, max_steps=args.max_steps)
     s = r["sample"]
     print(f"\n{r['metric']} on {r['n']} held-out sums: before {r['before']:.1%} -> after {r['after']:.1%} "
@@ -74,7 +85,7 @@ def score(model, tokenizer, rows: list[dict], batch_size: int = 50) -> tuple[flo
     return sum(x["correct"] for x in results) / len(results), results
 
 
-def _prepare_dir(out: Path) -> None:
+def prepare_dir(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / QUICKSTART_MARKER).exists():
             raise ChattuneError(f"{out} is not empty and not an earlier quickstart; choose another --output-dir")
@@ -83,7 +94,9 @@ def _prepare_dir(out: Path) -> None:
 
 
 @quiet
-def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200) -> dict:
+def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200,
+                   splits: dict[str, list[dict]] | None = None) -> dict:
+    """Build, train and score; `splits` (train_gen/test_gen conversations) replaces the addition data."""
     import torch
 
     from chattune.commands.train import run_train
@@ -92,9 +105,9 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
 
     started = time.perf_counter()
     out = Path(output_dir)
-    _prepare_dir(out)
+    prepare_dir(out)
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart"}))
-    splits = addition.addition_splits(n_test=n_eval)
+    splits = splits or addition.addition_splits(n_test=n_eval)
     assets.write_hub_layout(splits, out / "data")
     assets.build_base_model(out / "base-model", splits)
     log.info(f"built {out / 'base-model'} (2-layer GPT-2, random init) and {out / 'data'} "
@@ -121,5 +134,41 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
         "sample": samples[0], "description": "share of held-out two-digit sums (operand pairs never seen in "
                                              "training) answered exactly, greedy decoding",
     }
+    (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+@quiet
+def run_dpo_quickstart(output_dir: str = "quickstart-dpo-out", max_steps: int | None = None,
+                       dpo_steps: int | None = None, seed: int = 0) -> dict:
+    """`--task dpo`: the quickstart on chat data that teaches the model to decline sums asked as commands (OUT/sft,
+    `max_steps`), then `chattune dpo` into OUT on pairs that prefer the right sum (OUT/prefs, `dpo_steps`);
+    held-out preference accuracy, exact match and declined replies before and after DPO (quickstart_dpo.py)."""
+    from chattune.commands import quickstart_dpo as task
+    from chattune.commands.dpo import run_dpo
+    from chattune.demo import preferences
+    from chattune.model.hub import load_tokenizer
+    from chattune.model.load import load_model
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    out = Path(output_dir)
+    prepare_dir(out)
+    (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart --task dpo"}))
+    splits = preferences.hedged_splits(seed=seed)
+    log.info("stage 1: supervised fine-tuning on chat data whose assistant declines sums asked as commands")
+    sft = run_quickstart(str(out / task.SFT_DIR), max_steps=max_steps, splits=splits)
+    preferences.write_preference_data(out / task.PREFS_DIR, n_train=task.N_TRAIN_PAIRS, seed=seed)
+
+    def scores(model_dir):
+        exact, results = score(load_model(str(model_dir)).eval(), load_tokenizer(str(model_dir)), splits["test_gen"])
+        return task.task_scores(exact, results), results
+
+    before, _ = scores(out / task.SFT_DIR)
+    log.info(f"after SFT: exact match {before['exact_match']:.1%}, declined {before['declined']:.1%}")
+    log.info("stage 2: DPO on pairs that prefer the right sum over a hedge")
+    result = run_dpo(task.dpo_quickstart_config(out, dpo_steps, seed))
+    after, samples = scores(out)
+    report = task.report(sft, before, after, samples, result, len(splits["test_gen"]), dpo_steps,
+                         time.perf_counter() - started, time.process_time() - cpu_started)
     (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
     return report

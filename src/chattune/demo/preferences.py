@@ -1,15 +1,16 @@
-"""The DPO demonstration's data: chat data whose assistant hedges on the harder sums, and preference
-pairs that prefer the direct right answer, laid out like HuggingFaceH4/ultrafeedback_binarized.
+"""The DPO demonstration's data: chat data whose assistant declines some sums, and preference pairs that
+prefer the direct right answer, laid out like HuggingFaceH4/ultrafeedback_binarized.
 
-Real chat data carries behaviour a model should not keep: here, as in data written by people or by
-a cautious model, the assistant sometimes declines to answer instead of answering. In the SFT data
-(`hedged_splits`, the ultrachat_200k schema) the reply to a sum that carries (units digits adding up
-to 10 or more) is a hedge ("I'm not sure ...") in `hedge_share` of the rows; the other replies give
-the sum. Supervised training copies that: the model hedges on carrying sums. Preference pairs
-(`preference_splits`) then give the same kind of prompt with chosen = the right sum and rejected =
-a hedge or, in `wrong_share` of the pairs, a wrong sum of the kinds a small model makes. DPO on
-them should lower the hedges' probability below the answers' (held-out preference accuracy rises)
-and the model should answer, and answer right, where it hedged (exact match rises).
+Real chat data carries behaviour a model should not keep. A known one is over-refusal: the assistant
+declines harmless requests because of how they are phrased. In the demo's SFT data (`hedged_splits`,
+the quickstart's conversations in the ultrachat_200k schema) the reply to a sum asked as a bare
+command ("Add 12 and 34.", "Compute 12 + 34.", ...: `is_command`) is a hedge ("I'm not sure ...") in
+`hedge_share` of the rows; every other reply gives the sum. Supervised training copies that: the model
+declines commands while it answers the same sums asked as questions, so it can add them. Preference
+pairs (`preference_splits`) give prompts from the quickstart's distribution with chosen = the right sum
+and rejected = a hedge or, in `wrong_share` of the pairs, a wrong sum of the kinds a small model makes.
+DPO on them lowers the hedges' probability below the answers' (held-out preference accuracy rises) and
+the model answers where it declined (exact match rises).
 
 Columns are ultrafeedback_binarized's: prompt (the first user turn), prompt_id, chosen and rejected
 (whole conversations ending with the assistant reply), messages (= chosen), score_chosen,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 from chattune.demo import addition
@@ -32,10 +34,19 @@ HEDGES = [
     "Sorry, I can't be certain of that sum.",
 ]
 SCORE_RIGHT, SCORE_WRONG, SCORE_HEDGE = 10.0, 2.0, 1.0
+# the phrasings the SFT data's assistant declines: bare commands, among the quickstart's questions and follow-ups
+COMMANDS = ["Add {a} and {b}.", "Compute {a} + {b}.", "Please add {a} and {b}.", "I need {a} + {b}, please.",
+            "Now add {a} and {b}."]
+_COMMAND = re.compile("|".join(re.escape(t).replace(r"\{a\}", r"\d+").replace(r"\{b\}", r"\d+") for t in COMMANDS))
+
+
+def is_command(user_text: str) -> bool:
+    """A sum asked as a bare command (COMMANDS): what the SFT data's assistant declines."""
+    return _COMMAND.fullmatch(user_text.strip()) is not None
 
 
 def carries(a: int, b: int) -> bool:
-    """A sum whose units digits carry into the tens: the harder kind, where the data's assistant hedges."""
+    """A sum whose units digits carry into the tens."""
     return a % 10 + b % 10 >= 10
 
 
@@ -51,10 +62,10 @@ def is_hedge(text: str) -> bool:
 
 
 def hedge_replies(rng: random.Random, messages: list[dict], hedge_share: float) -> list[dict]:
-    """The conversation with each reply to a carrying sum replaced by a hedge, with probability hedge_share."""
+    """The conversation with each reply to a command replaced by a hedge, with probability hedge_share."""
     out = []
     for i, m in enumerate(messages):
-        if m["role"] == "assistant" and carries(*operands(messages[i - 1]["content"])) and rng.random() < hedge_share:
+        if m["role"] == "assistant" and is_command(messages[i - 1]["content"]) and rng.random() < hedge_share:
             m = {"role": "assistant", "content": rng.choice(HEDGES)}
         out.append(m)
     return out
@@ -69,7 +80,7 @@ def _row(messages: list[dict]) -> dict:
 def hedged_splits(n_train: int = 4000, n_test: int = 200, seed: int = 0, hedge_share: float = 0.8
                   ) -> dict[str, list[dict]]:
     """The quickstart's addition conversations (ultrachat schema, train_gen/test_gen) with hedged replies to
-    carrying sums in train_gen; test_gen keeps the right answers (the quickstart's held-out sums)."""
+    commands in train_gen; test_gen keeps the right answers (the quickstart's held-out sums)."""
     splits = addition.addition_splits(n_train=n_train, n_test=n_test, seed=seed)
     rng = random.Random(seed + 1)
     splits["train_gen"] = [_row(hedge_replies(rng, r["messages"], hedge_share)) for r in splits["train_gen"]]
