@@ -1,10 +1,11 @@
 """The DPO quickstart (`chattune quickstart --task dpo`) over several seeds: before -> after DPO, mean and standard
 error across seeds, with wall-clock and process CPU time (the host may be loaded: CPU time is the comparable one).
 
-    OMP_NUM_THREADS=1 python bench/dpo_demo.py --seeds 0 1 2 [--max-steps 900 --dpo-steps 60] --out DIR
+    OMP_NUM_THREADS=1 python bench/dpo_demo.py --seeds 0 1 2 [--jobs 3 --max-steps 900 --dpo-steps 60] --out DIR
 
 Each seed draws its own SFT conversations (which replies decline), held-out questions and preference pairs, and
-its own DPO data order. Writes bench/results/dpo_demo.json (and .md); the runs themselves go to DIR/seed-N.
+its own DPO data order; --jobs runs that many seeds at once, each in its own process. Writes
+bench/results/NAME.json (and .md); the runs themselves go to DIR/seed-N.
 """
 
 from __future__ import annotations
@@ -33,26 +34,33 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return m, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan"))
 
 
+def one_seed(job) -> dict:
+    seed, out, max_steps, dpo_steps = job
+    from chattune.commands.quickstart import run_dpo_quickstart
+
+    load_before = os.getloadavg()[0]
+    r = run_dpo_quickstart(str(Path(out) / f"seed-{seed}"), max_steps=max_steps, dpo_steps=dpo_steps, seed=seed)
+    return {"seed": seed, **{k: pick(r, k) for k in METRICS}, "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
+            "load_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+            "by_phrasing": r["by_phrasing"], "sft_exact_match": [r["sft"]["before"], r["sft"]["after"]]}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--dpo-steps", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default="runs/dpo-demo")
     p.add_argument("--name", default="dpo_demo")
     a = p.parse_args(argv)
-    from chattune.commands.quickstart import run_dpo_quickstart
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
 
-    runs = []
-    for seed in a.seeds:
-        load_before = os.getloadavg()[0]
-        r = run_dpo_quickstart(str(Path(a.out) / f"seed-{seed}"), max_steps=a.max_steps, dpo_steps=a.dpo_steps,
-                               seed=seed)
-        runs.append({"seed": seed, **{k: pick(r, k) for k in METRICS}, "seconds": r["seconds"],
-                     "cpu_seconds": r["cpu_seconds"], "load_1min": [round(load_before, 1),
-                                                                    round(os.getloadavg()[0], 1)],
-                     "sft_exact_match": [r["sft"]["before"], r["sft"]["after"]]})
-        print(json.dumps(runs[-1]), flush=True)
+    with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
+        runs = list(pool.map(one_seed, [(seed, a.out, a.max_steps, a.dpo_steps) for seed in a.seeds]))
+    for r in runs:
+        print(json.dumps(r), flush=True)
     summary = {}
     for k in METRICS:
         before, after = mean_se([x[k][0] for x in runs]), mean_se([x[k][1] for x in runs])

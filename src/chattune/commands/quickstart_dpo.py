@@ -4,7 +4,8 @@ supervised fine-tuning then DPO, offline on a CPU in a few minutes.
 Stage 1 is the quickstart on chat data whose assistant declines sums asked as bare commands ("Add 12 and 34.")
 in most rows (demo/preferences.py): the model learns to decline them, as models learn over-refusal from real
 chat data. Stage 2 is `chattune dpo` from that model on preference pairs laid out like
-HuggingFaceH4/ultrafeedback_binarized, which prefer the right sum over a hedge. Both are scored before and
+HuggingFaceH4/ultrafeedback_binarized, which prefer the right sum over a hedge (DPO's loss plus the chosen
+replies' NLL: RPO, TRL's sigmoid,sft). Both are scored before and
 after DPO on prompts whose sums were never trained on: held-out preference accuracy (the dpo run's own score
 of test_prefs), exact match on the quickstart's 200 held-out sums, and the share of replies that decline.
 """
@@ -19,9 +20,11 @@ from chattune.outputs import TASK_SCORE_FILE
 
 log = logging.getLogger("chattune")
 SFT_DIR, PREFS_DIR = "sft", "prefs"
-# DPO for the demo: a tiny model trained from scratch moves far from its start in a few steps, so the learning
-# rate is the quickstart's scale, not the 1e-6 of `chattune dpo`'s defaults for pre-trained models
-DPO_STEPS, DPO_LR, DPO_BETA, DPO_BATCH = 60, 1e-4, 0.1, 32
+# DPO for the demo (docs/dpo-quickstart.md has the measurements): the tiny model, trained from scratch, takes a
+# learning rate at the quickstart's scale, not the 1e-6 of `chattune dpo`'s defaults for pre-trained models; and
+# the loss adds the chosen replies' NLL to DPO's (TRL's sigmoid,sft: RPO). Plain DPO at this rate drives the
+# hedges' log-probability to -100 and the right answers' down with it: declining stops but exact match falls.
+DPO_STEPS, DPO_LR, DPO_BETA, DPO_BATCH, DPO_LOSS = 60, 1e-4, 0.1, 32, "sigmoid,sft"
 N_TRAIN_PAIRS = 2000
 
 
@@ -37,7 +40,7 @@ def dpo_quickstart_config(out: Path, max_steps: int | None = None, seed: int = 0
     t.lr_scheduler, t.logging_steps, t.eval_steps, t.save_steps, t.save_total_limit = "cosine", 10, None, None, 1
     t.seed = 42 + seed
     t.group_by_length = False
-    cfg.dpo.beta = DPO_BETA
+    cfg.dpo.beta, cfg.dpo.loss_type = DPO_BETA, DPO_LOSS
     return cfg
 
 
