@@ -36,7 +36,8 @@ def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
 
 
-def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: float | None = None) -> list[tuple]:
+def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: float | None = None,
+                loss_label: str = "mean loss per token") -> list[tuple]:
     """Write the plots; returns (alt text, relative path) for each one written."""
     import matplotlib
 
@@ -57,7 +58,7 @@ def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: 
         positive = [v for v in values if v and v > 0]
         if positive and max(positive) / min(positive) > 20:
             ax.set_yscale("log")  # a random-init baseline would flatten the curves on a linear axis
-        ax.set(xlabel="optimizer step", ylabel="mean loss per token", title="Loss")
+        ax.set(xlabel="optimizer step", ylabel=loss_label, title="Loss")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

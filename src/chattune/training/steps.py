@@ -139,8 +139,8 @@ def save(cfg, trainer, tokenizer, out: Path, results: dict) -> None:
         adapters.save_extras(trainer.model, out)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
     final = results.get("eval") or {}
-    log.info(f"model saved to {out}" + (f"; eval loss {final['eval_loss']:.4f}, perplexity "
-                                         f"{final['eval_perplexity']:.2f}" if "eval_loss" in final else ""))
+    log.info(f"model saved to {out}" + (f"; eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "")
+             + (f", perplexity {final['eval_perplexity']:.2f}" if "eval_perplexity" in final else ""))
     if lora and cfg.lora.merge:
         merged = adapters.merge_adapter(out, out / MERGED_DIR, overwrite=True,
                                         trust_remote_code=cfg.model.trust_remote_code)
