@@ -19,8 +19,6 @@ from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
 N_SAMPLES = 3
-# ultrafeedback_binarized's split names, used when the source has them and no split was given
-PREFERENCE_SPLITS = ("train_prefs", "test_prefs")
 
 
 def add_arguments(parser) -> None:
@@ -41,32 +39,20 @@ def run(args) -> int:
     return 0
 
 
-def default_splits(cfg: Config) -> None:
-    """ultrafeedback_binarized's splits (train_prefs / test_prefs) when the source has them and none were given."""
-    from chattune.data import list_splits
-
-    d = cfg.data
-    if not d.dataset or d.train_split != "train" or d.datasets:
-        return
-    available = list_splits(d.dataset, d.config_name, d.revision)
-    if "train" not in available and PREFERENCE_SPLITS[0] in available:
-        d.train_split = PREFERENCE_SPLITS[0]
-        if d.eval_split is None and not d.eval_fraction and PREFERENCE_SPLITS[1] in available:
-            d.eval_split = PREFERENCE_SPLITS[1]
-        log.info(f"splits: train {d.train_split}, eval {d.eval_split or 'none'} (the data set's preference splits)")
-
-
 @quiet
 def run_dpo(cfg: Config) -> dict:
     """Preference-tune as `cfg` says (cfg.dpo: beta, loss type, precompute); returns the output directory, the
     final metrics and the held-out preference accuracy before and after."""
+    from chattune.data.preferences import default_splits
     from chattune.training import steps
     from chattune.training.args import dpo_args
 
     cfg = validate(cfg)
+    note = default_splits(cfg.data)
+    if note:
+        log.info(note)
     steps.check_model_kind(cfg)
     steps.check_tracking_and_stopping(cfg)
-    default_splits(cfg)
     with steps.run_directory(cfg) as (state, resume):
         out = Path(cfg.train.output_dir)
         tokenizer, setup, data = prepare_pairs(cfg, out, state)

@@ -124,6 +124,36 @@ def to_canonical_pair(row, columns: dict | None = None) -> tuple[dict | None, Re
     return (None, reason) if reason else (pair, None)
 
 
+# ultrafeedback_binarized's split names, used when a source has them and no split was given
+PREFERENCE_SPLITS = ("train_prefs", "test_prefs")
+
+
+def default_splits(d) -> str | None:
+    """Set data.train_split / eval_split (a DataConfig) to ultrafeedback_binarized's train_prefs / test_prefs when
+    the one --dataset has them, has no 'train' split, and no split was given; returns a note for the log."""
+    from chattune.data.sources import list_splits
+
+    if not d.dataset or d.datasets or d.train_split != "train":
+        return None
+    available = list_splits(d.dataset, d.config_name, d.revision)
+    if "train" in available or PREFERENCE_SPLITS[0] not in available:
+        return None
+    d.train_split = PREFERENCE_SPLITS[0]
+    if d.eval_split is None and not d.eval_fraction and PREFERENCE_SPLITS[1] in available:
+        d.eval_split = PREFERENCE_SPLITS[1]
+    return f"splits: train {d.train_split}, eval {d.eval_split or 'none'} (the data set's preference splits)"
+
+
+def is_preference_config(cfg) -> bool:
+    """Whether a run's (first) source holds preference pairs; its splits default as default_splits says."""
+    from chattune.data.mixture import sources
+
+    default_splits(cfg.data)
+    spec = sources(cfg.data)[0]
+    return is_preference_data(preference_columns(spec.dataset, spec.split, spec.config_name, spec.revision),
+                              spec.columns)
+
+
 def _columns(part) -> list[str]:
     if part.rows is not None:
         return sorted({k for r in part.rows[:100] if isinstance(r, dict) for k in r})
