@@ -78,6 +78,7 @@ def prepare_pairs(cfg: Config, out: Path, state):
     from chattune.errors import DataError
     from chattune.model.hub import load_config
     from chattune.model.load import context_length, load_for_training, resolve_max_length
+    from chattune.outputs import REJECTED_FILE
 
     m = cfg.model
     cfg.data.max_length = resolve_max_length(cfg.data.max_length,
@@ -86,7 +87,7 @@ def prepare_pairs(cfg: Config, out: Path, state):
     train_split, eval_split = load_training_data(cfg, loader=load_preferences)
     n_rejected = write_rejected(out, train_split, eval_split) if state.is_main_process else 0
     if n_rejected:
-        log.info(f"skipped {n_rejected} invalid row(s); each is in {out} with its reason")
+        log.info(f"skipped {n_rejected} invalid row(s); each is in {out / REJECTED_FILE} with its reason")
     tokenizer, setup = load_for_training(m, log.info)
     train_rows, train_stats = tokenize_split(tokenizer, train_split, cfg.data.max_length)
     log.info(f"data: {train_split.name}; " + train_stats.summary("train"))
