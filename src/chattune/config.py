@@ -116,6 +116,9 @@ class TrainConfig:
                                            "last one", flag="--save-minutes")
     resume: bool | str = opt(False, "continue from the newest checkpoint in --output-dir, or from a given "
                                     "checkpoint directory", flag="--resume")
+    overwrite: bool = opt(False, "start afresh in a non-empty --output-dir that holds no run to resume: its contents "
+                                 "are moved (never deleted) to a new sibling OUTPUT.replaced-DATE-TIME",
+                          flag="--overwrite")
     group_by_length: bool = opt(True, "batch conversations of similar length together (less padding, faster; "
                                       "batches become less random)", flag="--group-by-length")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory",
@@ -344,6 +347,9 @@ def validate(cfg: Config) -> Config:
     if not cfg.model.name:
         raise ConfigError("model.name is empty: give --model (a hub id or a local directory)")
     _check_entries(d)
+    if d.eval_fraction > 0 and (d.eval_split or any(e.eval_split for e in d.datasets)):
+        raise ConfigError("give data.eval_split or data.eval_fraction, not both: drop data.eval_fraction to evaluate "
+                          "on the split, or drop data.eval_split to hold out that fraction of the training rows")
     if t.save_minutes is not None and not t.save_minutes > 0:
         raise ConfigError(f"train.save_minutes must be positive (or unset), got {t.save_minutes}")
     lo = cfg.lora

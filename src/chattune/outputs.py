@@ -30,3 +30,10 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 # ---- checkpoints ------------------------------------------------------------------------------------
 CHECKPOINT_MANIFEST = "chattune-checkpoint.json"  # written last: the checkpoint is complete
 CHECKPOINT_STAGING = ".checkpoint-staging"  # where a checkpoint is written before it is renamed into place
+CHECKPOINT_PREFIX = "checkpoint"  # checkpoint-N (transformers' PREFIX_CHECKPOINT_DIR)
+
+# ---- the run directory's own guards ------------------------------------------------------------------
+LOCK_FILE = ".chattune.lock"  # who holds the output directory (pid, host, start, command); flock-ed while held
+MODEL_MANIFEST = "chattune-model.json"  # the final model's files with sizes and checksums, written last
+FINAL_STAGING = ".final-staging"  # where the final model is written before its files are renamed into place
+REPLACED_SUFFIX = ".replaced-"  # --overwrite moves an earlier run to OUTPUT.replaced-YYYYmmdd-HHMMSS

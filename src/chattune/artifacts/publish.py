@@ -18,6 +18,7 @@ from pathlib import Path
 from chattune.artifacts.card import build_card, hub_id, training_sources
 from chattune.config import read_saved
 from chattune.errors import ChattuneError
+from chattune.model.manifest import check_complete
 from chattune.outputs import ADAPTER_CONFIG_FILE, CONFIG_FILE, MODEL_CONFIG_FILE, REPORT_FILE, RESULTS_FILE
 
 UPLOAD_PATTERNS = (
@@ -31,6 +32,7 @@ TOKEN_LIKE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 
 def upload_files(model_dir: Path) -> list[Path]:
     """The files to upload, relative to model_dir."""
+    check_complete(model_dir, content=True)  # never upload a model whose save did not finish, or a changed file
     if not (model_dir / MODEL_CONFIG_FILE).is_file() and not (model_dir / ADAPTER_CONFIG_FILE).is_file():
         raise ChattuneError(f"{model_dir} is not a model directory: it has no config.json")
     if not any(model_dir.glob("*.safetensors")):
