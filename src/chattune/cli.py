@@ -12,7 +12,6 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import sys
 import warnings
 
@@ -76,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = getattr(args, "debug", False)
     _setup_logging(debug)
-    if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f`, a write then fails with EFBIG (one clear line) instead of
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the signal killing the process without a word
     try:
         return command_module(args.command).run(args)
     except ChattuneError as e:

@@ -155,6 +155,12 @@ class ResumeCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.checkpoint:
             return
+        from chattune.training.rundir import check_schedule
+
+        # a total from --epochs and the data, which run_directory could not know before the data was read
+        scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        check_schedule(self.checkpoint, state.max_steps, scheduler,
+                       f"this run's {state.max_steps} steps (from --epochs and the data)")
         name = os.path.basename(os.path.normpath(self.checkpoint))
         bad = _first_nonfinite(model.named_parameters()) if model is not None else None
         what = "weights"

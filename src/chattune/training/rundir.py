@@ -194,7 +194,7 @@ def saved_state(checkpoint) -> dict:
         return {}
 
 
-def check_schedule(checkpoint, max_steps: int | None, scheduler: str) -> None:
+def check_schedule(checkpoint, max_steps: int | None, scheduler: str, asked: str | None = None) -> None:
     """Refuse a resume whose total number of steps differs from the checkpoint's, for schedules that depend
     on it: the restored scheduler keeps its step count but its curve is rebuilt for the new total, so the
     learning rate would jump (after a finished cosine run, from about 0 back up towards the peak)."""
@@ -204,8 +204,9 @@ def check_schedule(checkpoint, max_steps: int | None, scheduler: str) -> None:
     name = Path(checkpoint).name
     raise ChattuneError(
         f"--resume: {name} belongs to a run of {saved} steps, and its {scheduler} learning-rate schedule was set for "
-        f"{saved} steps; --max-steps {max_steps} would change that schedule midway. Resume with --max-steps {saved} "
-        f"(or the epochs it had), or start a new run from its weights: --model {checkpoint} --output-dir NEW_DIR")
+        f"{saved} steps; {asked or f'--max-steps {max_steps}'} would change that schedule midway. Resume with "
+        f"--max-steps {saved} (or the epochs it had), or start a new run from its weights: --model {checkpoint} "
+        "--output-dir NEW_DIR")
 
 
 def truncate_metrics(output_dir: Path, step: int) -> int:

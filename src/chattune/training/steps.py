@@ -10,8 +10,6 @@ import contextlib
 import errno
 import json
 import logging
-import signal
-import threading
 from pathlib import Path
 
 from chattune.errors import ChattuneError
@@ -38,7 +36,8 @@ def check_model_kind(cfg) -> None:
                             f"{cfg.model.name} --output-dir DIR) and train from DIR")
 
 
-# a write refused for lack of room or rights: one line naming the path, not a traceback
+# a write refused for lack of room or rights: one line naming the path, not a traceback. (`ulimit -f` gives
+# EFBIG: CPython ignores SIGXFSZ from startup, so the write fails instead of the process being killed.)
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -47,21 +46,6 @@ def write_error(e: OSError, out: Path) -> ChattuneError:
     if not out.is_dir():
         return ChattuneError(what)
     return ChattuneError(f"{what}. {resume_advice(out, 'Free disk space or fix the permissions')}")
-
-
-@contextlib.contextmanager
-def ignore_file_size_signal():
-    """With `ulimit -f`, a write past the limit raises SIGXFSZ, which kills the process without a word;
-    ignored, the write fails with EFBIG instead, and that becomes one clear line."""
-    sig = getattr(signal, "SIGXFSZ", None)
-    if sig is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(sig, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(sig, previous)
 
 
 def _open(cfg, out: Path, stack: contextlib.ExitStack):
@@ -86,7 +70,7 @@ def run_directory(cfg):
     cut back to the checkpoint's step and the run log attached (rank 0). A failure ends train.log."""
     out = Path(cfg.train.output_dir)
     state = process_state(pick_device())
-    with quiet_unless_main(state), ignore_file_size_signal(), contextlib.ExitStack() as stack:
+    with quiet_unless_main(state), contextlib.ExitStack() as stack:
         handler, error = None, None
         if state.is_main_process:
             try:

@@ -203,6 +203,16 @@ def test_resume_with_a_different_max_steps_is_refused(model_dir, ultrachat_dir, 
     assert "\n" not in msg and "4 steps" in msg and "--max-steps 8" in msg and "schedule" in msg
 
 
+def test_resume_with_more_epochs_is_refused_once_the_total_is_known(model_dir, ultrachat_dir, tmp_path):
+    out = tmp_path / "out"
+    cfg = small_run(model_dir, ultrachat_dir, out, max_steps=None, epochs=1.0)
+    cfg.data.max_train_samples = 8  # batch 4: 2 steps an epoch
+    run_train(cfg)
+    cfg.train.epochs, cfg.train.resume = 2.0, True
+    with pytest.raises(ChattuneError, match="run of 2 steps.*this run's 4 steps"):
+        run_train(cfg)
+
+
 def test_a_failed_runs_log_ends_with_its_error(model_dir, ultrachat_dir, tmp_path):
     out = tmp_path / "out"
     cfg = small_run(model_dir, ultrachat_dir, out)
