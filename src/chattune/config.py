@@ -83,7 +83,8 @@ class DataConfig:
     skip_invalid: bool = opt(False, "train on the valid rows and write the rest to rejected.jsonl "
                                     "instead of stopping", flag="--skip-invalid")
     cache: bool = opt(True, "reuse the tokenized data an earlier run prepared from the same data, tokenizer, "
-                            "template and max length (in $CHATTUNE_CACHE, default ~/.cache/chattune)", flag="--cache")
+                            "template and max length (in $CHATTUNE_CACHE, default ~/.cache/chattune; checksummed); "
+                            "--no-cache prepares afresh, reading none of datasets' caches either", flag="--cache")
 
 
 @dataclass

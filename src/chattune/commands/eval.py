@@ -111,8 +111,9 @@ def run_eval(model_path: str, dataset: str | None = None, split: str | None = No
     prompts = (sample_prompts(data.dataset.select(range(min(samples, len(data.dataset))))["messages"], samples)
                if samples and kind == "messages" else [])
     if prompts:
-        replies = generate_replies(model, tokenizer, [p for p, _ in prompts], sample_tokens)
-        result["samples"] = [{"messages": p, "reference": ref, "reply": r["reply"]}
+        # a held-out conversation longer than the context is cut from the left (the reply needs room)
+        replies = generate_replies(model, tokenizer, [p for p, _ in prompts], sample_tokens, fit="left")
+        result["samples"] = [{"messages": p, "reference": ref, "reply": r["reply"], "cut": r["cut"]}
                              for (p, ref), r in zip(prompts, replies)]
     if baseline:
         del model
@@ -163,6 +164,8 @@ def format_report(r: dict) -> str:
         earlier = len(s["messages"]) - 1
         lines.append(f"  {s['messages'][-1]['role'] + ':':<11}{_one_line(s['messages'][-1]['content'])}"
                      + (f"   (+{earlier} earlier messages)" if earlier else ""))
+        if s.get("cut"):
+            lines.append(f"  {'':<11}(cut to fit the context: {s['cut']})")
         lines.append(f"  {'reference:':<11}{_one_line(s['reference'])}")
         lines.append(f"  {'model:':<11}{_one_line(s['reply'])}")
         if "baseline_reply" in s:

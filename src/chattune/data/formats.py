@@ -80,6 +80,8 @@ def _listish(value, name: str, shape: str) -> list:
             value = json.loads(value)
         except ValueError:
             raise RowError("malformed row", f"'{name}' is a string that is not valid JSON") from None
+        except RecursionError:
+            raise RowError("nested too deeply", f"'{name}' holds JSON nested too deeply to read") from None
     if value is None:
         raise RowError("empty conversation", f"'{name}' is null")
     if not isinstance(value, list):
@@ -169,5 +171,7 @@ def to_canonical(row: dict, fmt: str, columns: dict):
         return None, Reason(e.kind, str(e))
     except KeyError as e:
         return None, Reason("malformed row", f"the row has no {e.args[0]!r} column")
+    except RecursionError:  # a value nested past Python's limit: a bad row, not a crash
+        return None, Reason("nested too deeply", "a value is nested too deeply to read")
     reason = check_messages(messages)
     return (None, reason) if reason else (messages, None)

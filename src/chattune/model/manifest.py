@@ -2,9 +2,9 @@
 
 A checkpoint (chattune-checkpoint.json) and the final model directory (chattune-model.json) each get one,
 written last: a directory whose record is missing, or whose files do not match it, is incomplete or was
-changed afterwards. The checksum is xxHash's XXH3-128 (the xxhash package, which `datasets` already
-requires): it is for catching truncation and bit flips, not tampering, and it hashes at memory speed,
-about 2 GB/s here (a GPT-2 124M checkpoint, 1.5 GB, takes under a second: docs/training.md).
+changed afterwards. The checksum is XXH3-128 (data.digest.file_digest, as for prepared-data cache entries):
+it catches truncation and bit flips, not tampering, and hashes at memory speed, about 2.4 GB/s here (a
+GPT-2 124M checkpoint, 1.5 GB, takes about 0.6 s: docs/training.md, bench/checksum_cost.py).
 """
 
 from __future__ import annotations
@@ -13,34 +13,11 @@ import json
 import os
 from pathlib import Path
 
+from chattune.data.digest import file_digest
 from chattune.errors import ChattuneError
 from chattune.outputs import CHECKPOINT_PREFIX, FINAL_STAGING, MODEL_MANIFEST
 
-try:
-    import xxhash
-
-    HASH = "xxh3_128"
-    _new_hash = xxhash.xxh3_128
-except ImportError:  # datasets brings xxhash; without it, the standard library's fastest sound hash
-    import hashlib
-
-    HASH = "blake2b"
-    _new_hash = hashlib.blake2b
-
-_CHUNK = 8 << 20
-
-
-def file_digest(path: Path, algorithm: str = HASH) -> str:
-    if algorithm == HASH:
-        h = _new_hash()
-    else:
-        import hashlib
-
-        h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+HASH = "xxh3_128"  # recorded in each manifest, so that a later change of hash can still read older ones
 
 
 def fsync_path(path: Path) -> None:
@@ -93,7 +70,8 @@ def files_problem(directory: Path, record: dict, content: bool = True) -> str | 
     """Why the files under `directory` do not match `record`, or None. A record from an older chattune
     holds sizes only ({name: size}); its files are checked by size."""
     directory = Path(directory)
-    algorithm = record.get("hash", HASH)
+    if record.get("hash", HASH) != HASH:
+        content = False  # a hash this chattune does not know: sizes only
     for name, entry in record["files"].items():
         size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("digest"))
         path = directory / name
@@ -102,7 +80,7 @@ def files_problem(directory: Path, record: dict, content: bool = True) -> str | 
         actual = path.stat().st_size
         if actual != size:
             return f"{name} has {actual} bytes where {size} were written (truncated or changed)"
-        if content and digest and file_digest(path, algorithm) != digest:
+        if content and digest and file_digest(path) != digest:
             return f"{name} fails its checksum (changed or corrupted after it was written)"
     return None
 
