@@ -18,6 +18,7 @@ from chattune.errors import ChattuneError
 from chattune.outputs import CHECKPOINT_PREFIX, FINAL_STAGING, MODEL_MANIFEST
 
 HASH = "xxh3_128"  # recorded in each manifest, so that a later change of hash can still read older ones
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a final model's files whose size and checksum are checked
 
 
 def fsync_path(path: Path) -> None:
@@ -66,9 +67,10 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
-def files_problem(directory: Path, record: dict, content: bool = True) -> str | None:
+def files_problem(directory: Path, record: dict, content: bool = True, weights_only: bool = False) -> str | None:
     """Why the files under `directory` do not match `record`, or None. A record from an older chattune
-    holds sizes only ({name: size}); its files are checked by size."""
+    holds sizes only ({name: size}); its files are checked by size. With weights_only, other files are
+    only checked to be there (a chat template or config edited by hand on purpose is not damage)."""
     directory = Path(directory)
     if record.get("hash", HASH) != HASH:
         content = False  # a hash this chattune does not know: sizes only
@@ -77,6 +79,8 @@ def files_problem(directory: Path, record: dict, content: bool = True) -> str | 
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
+        if weights_only and not name.endswith(WEIGHT_SUFFIXES):
+            continue
         actual = path.stat().st_size
         if actual != size:
             return f"{name} has {actual} bytes where {size} were written (truncated or changed)"
@@ -97,7 +101,7 @@ def model_problem(directory: Path, content: bool = False) -> str | None:
     if record is not None:
         if record.get("complete") is False:  # written before the files were moved into place
             return "its final save did not finish"
-        return files_problem(directory, record, content)
+        return files_problem(directory, record, content, weights_only=True)
     if (directory / MODEL_MANIFEST).exists():
         return f"its {MODEL_MANIFEST} is unreadable"
     if (directory / FINAL_STAGING).is_dir():

@@ -100,3 +100,13 @@ def test_directories_without_the_manifest_keep_working(model_dir, trained_dir, t
     shutil.copytree(trained_dir, older, ignore=shutil.ignore_patterns("checkpoint-*", MODEL_MANIFEST))
     check_complete(older)
     assert main(["chat", str(older), "--message", "hi", "--max-new-tokens", "2"]) == 0
+
+
+def test_text_files_edited_by_hand_are_not_damage_but_missing_ones_are(trained_dir, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(trained_dir, out, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (out / "chat_template.jinja").write_text("{{ messages[0].content }}")  # a template fixed on purpose
+    check_complete(out, content=True)
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(ChattuneError, match="tokenizer.json is missing"):
+        check_complete(out)
