@@ -22,6 +22,7 @@ from chattune.evaluation.compare import score_baseline
 from chattune.inference.generate import generate_replies
 from chattune.model.load import load_chat_model, pick_device
 from chattune.outputs import CONFIG_FILE, METRICS_FILE, PLOTS_DIR, REJECTED_FILE, REPORT_FILE, RESULTS_FILE
+from chattune.training.early_stop import describe as describe_stopping
 
 log = logging.getLogger("chattune")
 N_SAMPLES = 3
@@ -178,6 +179,7 @@ def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Pat
         data=", ".join(f"`{s.dataset}` (split `{s.split}`)" for s in sources(cfg.data)),
         steps=steps if steps is not None else "?", device=results.get("device", "?"),
         precision=results.get("precision", "?"), final=final, baseline=baseline,
+        stopping=describe_stopping(results.get("stopping")),
         metrics=metric_rows(final, baseline, extra),
         samples=_samples(out, prompts, baseline["sample_replies"] if baseline else None, budget) if prompts else [],
         samples_from="held-out" if eval_split is not None else "training (this run has no evaluation split)",

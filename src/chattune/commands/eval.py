@@ -10,6 +10,7 @@ from chattune.commands import default
 from chattune.commands.generate import add_model_argument
 from chattune.config import FORMATS, Config, apply_values, read_saved
 from chattune.errors import ChattuneError
+from chattune.verbosity import quiet
 
 
 def add_arguments(p) -> None:
@@ -73,6 +74,7 @@ def eval_data(model_path, dataset, split, config_name, fmt, max_samples):
     return load_conversations(dataset, split, max_samples=max_samples, **kw)
 
 
+@quiet
 def run_eval(model_path: str, dataset: str | None = None, split: str | None = None, config_name: str | None = None,
              fmt: str | None = None, max_samples: int | None = None, max_length: int | None = None,
              batch_size: int = 8, baseline: str | None = None, samples: int = 0, sample_tokens: int = 64,

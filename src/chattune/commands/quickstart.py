@@ -17,6 +17,7 @@ from chattune.config import Config, validate
 from chattune.demo import addition, assets
 from chattune.errors import ChattuneError
 from chattune.outputs import LOCK_FILE, QUICKSTART_MARKER, REPLACED_SUFFIX, TASK_SCORE_FILE
+from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
 METRIC = "addition_exact_match"
@@ -34,6 +35,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    check_max_steps(args.max_steps)  # before run_quickstart's heavy imports
     r = run_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite)
     s = r["sample"]
     print(f"\n{r['metric']} on {r['n']} held-out sums: before {r['before']:.1%} -> after {r['after']:.1%} "
@@ -97,6 +99,7 @@ def prepare_output_dir(out: Path, overwrite: bool = False) -> None:
     set_aside(out, entries)
 
 
+@quiet
 def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200,
                    overwrite: bool = False) -> dict:
     check_max_steps(max_steps)  # before anything is built or moved

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from chattune.commands import add_config_arguments, config_from_args
 from chattune.config import Config, validate
+from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
 
@@ -24,20 +25,26 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    run_train(config_from_args(args))
+    from chattune.training.rundir import check_output_dir
+
+    cfg = config_from_args(args)
+    check_output_dir(cfg)  # a refused --output-dir answers before run_train's heavy imports (@quiet)
+    run_train(cfg)
     return 0
 
 
+@quiet
 def run_train(cfg: Config) -> dict:
     """Fine-tune as `cfg` says; returns the output directory and the final metrics."""
     from chattune.training.rundir import check_output_dir
 
     cfg = validate(cfg)
-    check_output_dir(cfg)  # a refused --output-dir answers before torch is imported (checked again under the lock)
+    check_output_dir(cfg)  # before any data or weights load (checked again under the lock)
     from chattune.training import steps
     from chattune.training.args import sft_args
 
     steps.check_model_kind(cfg)
+    steps.check_tracking_and_stopping(cfg)
     with steps.run_directory(cfg) as (state, resume):
         out = Path(cfg.train.output_dir)
         tokenizer, setup, data = prepare_data(cfg, out, state)
@@ -79,7 +86,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precis
                   resume: str | None = None):
     from chattune.data.collate import PadCollator
     from chattune.model.memory import estimate, report
-    from chattune.training import steps
+    from chattune.training import early_stop, steps
     from chattune.training.callbacks import MetricsLogger
     from chattune.training.interrupts import ResumeCheck
     from chattune.training.trainer import ChattuneTrainer
@@ -88,23 +95,11 @@ def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precis
     trainer = ChattuneTrainer(
         model=model, args=args, train_dataset=data.train_rows, eval_dataset=data.eval_rows, processing_class=tokenizer,
         data_collator=PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None),
-        callbacks=[MetricsLogger(out), control, ResumeCheck(resume)],
+        callbacks=[MetricsLogger(out), control, ResumeCheck(resume), *early_stop.callbacks(cfg)],
     )
     report(estimate(trainer.model, cfg.train.batch_size, cfg.data.max_length, precision,
                     cfg.train.gradient_checkpointing, device, selective_head=trainer.selective))
     return trainer, signals, control
-
-
-def final_evaluation(trainer, has_eval: bool) -> dict:
-    """The evaluation at the last step: the one the Trainer ran there (at the end of its last epoch or eval
-    interval), else a new one. Running it twice would double the end of the run and its metrics rows."""
-    if not has_eval:
-        return {}
-    step = trainer.state.global_step
-    for record in reversed(trainer.state.log_history):
-        if "eval_loss" in record and record.get("step") == step:
-            return {k: v for k, v in record.items() if k.startswith("eval_")}
-    return trainer.evaluate()
 
 
 def finish(cfg: Config, trainer, tokenizer, data, result, out: Path, device: str, precision: str) -> dict:
@@ -112,12 +107,14 @@ def finish(cfg: Config, trainer, tokenizer, data, result, out: Path, device: str
     from chattune.artifacts.report import write_run_report
     from chattune.training import steps
 
-    final = final_evaluation(trainer, data.eval_rows is not None)
+    final, stopping = steps.final_evaluation(cfg, trainer, data.eval_rows is not None)
     # the trainer's final state: steps and epochs actually run (the last logged step may be earlier)
     train = {**result.metrics, "global_step": trainer.state.global_step, "epoch": trainer.state.epoch}
     results = {"train": train, "eval": final, "max_length": cfg.data.max_length,
                "data": {"train": vars(data.train_stats), "eval": vars(data.eval_stats) if data.eval_stats else None},
                "device": device, "precision": precision}
+    if stopping:
+        results["stopping"] = stopping
     steps.save(cfg, trainer, tokenizer, out, results)
     if trainer.is_world_process_zero():
         write_run_report(cfg, out, tokenizer, data.train_split, data.eval_split, data.eval_rows)

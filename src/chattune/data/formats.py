@@ -135,8 +135,10 @@ def from_alpaca(row: dict, c: dict) -> list[dict]:
         out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     instruction = row.get(c.get("instruction", "instruction"))
     extra = row.get(c.get("input", "input"))
-    if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
-        instruction = f"{instruction}\n\n{extra}"
+    if isinstance(instruction, str) and isinstance(extra, str) and extra:
+        # one newline, as LLaMA-Factory's alpaca converter joins them ("prompt\nquery"): the same file gives
+        # the same prompts in both tools
+        instruction = "\n".join(part for part in (instruction, extra) if part)
     out += [{"role": "user", "content": instruction},
             {"role": "assistant", "content": row.get(c.get("output", "output"))}]
     return out

@@ -17,7 +17,7 @@ from chattune.model import adapters
 from chattune.model.load import fit_model_to_tokenizer, load_model, pick_device, resolve_precision
 from chattune.model.speed import set_attention_dropout
 from chattune.outputs import MERGED_DIR, METRICS_FILE, RESULTS_FILE
-from chattune.training import rundir
+from chattune.training import early_stop, rundir, tracking
 from chattune.training.checkpoints import discard_staging
 from chattune.training.distributed import any_rank, process_state, quiet_unless_main
 from chattune.training.final import resume_advice, save_final
@@ -34,6 +34,13 @@ def check_model_kind(cfg) -> None:
     if adapters.is_adapter_dir(cfg.model.name):
         raise ChattuneError(f"{cfg.model.name} is a LoRA adapter, not a model: merge it first (chattune merge "
                             f"{cfg.model.name} --output-dir DIR) and train from DIR")
+
+
+def check_tracking_and_stopping(cfg) -> None:
+    """Before any data or weights load: the trackers' packages are installed, and early stopping / --load-best
+    can work (evaluation data, a checkpoint at every evaluation)."""
+    tracking.check_installed(cfg.train.report_to)
+    early_stop.check(cfg)
 
 
 # a write refused for lack of room or rights: one line naming the path, not a traceback. (`ulimit -f` gives
@@ -164,6 +171,29 @@ def train(trainer, signals: StopSignals, control: StepControl, resume, out: Path
     if problem is not None:  # a NaN from the last optimizer step has no later loss to show it
         raise problem
     return result
+
+
+def final_evaluation(cfg, trainer, has_eval: bool) -> tuple[dict, dict | None]:
+    """(the final model's evaluation, the stopping facts for results.json). The stopping facts are taken first
+    (early stopping sees this evaluation too) and logged; the evaluation is not resent to the trackers.
+
+    The Trainer has usually evaluated the final weights already (at its last step, or at the best checkpoint's
+    step that --load-best loaded): that record is reused, since evaluating again would double the end of the
+    run and repeat its metrics rows."""
+    stopping = early_stop.summary(cfg, trainer)
+    if stopping and trainer.is_world_process_zero():
+        log.info(early_stop.describe(stopping))
+    if not has_eval:
+        return {}, stopping
+    state = trainer.state
+    step = state.global_step
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        step = state.best_global_step  # the weights now loaded were evaluated there
+    for record in reversed(state.log_history):
+        if "eval_loss" in record and record.get("step") == step:
+            return {k: v for k, v in record.items() if k.startswith("eval_")}, stopping
+    with tracking.trackers_paused(trainer):
+        return trainer.evaluate(), stopping
 
 
 def save(cfg, trainer, tokenizer, out: Path, results: dict) -> None:

@@ -114,7 +114,7 @@ def test_csv_cells_are_text_even_when_they_look_like_numbers(tmp_path):
     loaded = load_conversations(str(path), "train")
     convs = loaded.dataset["messages"]
     assert [c[-1]["content"] for c in convs] == ["0", "2", "4", "6", "8"]
-    assert convs[0][0]["content"] == "what is 0 + 0\n\nNA"  # a cell reading NA is text, not a missing value
+    assert convs[0][0]["content"] == "what is 0 + 0\nNA"  # a cell reading NA is text, not a missing value
     # JSON keeps its types, and its check
     (tmp_path / "sums.jsonl").write_text(json.dumps({"instruction": "what is 1 + 1", "output": 2}) + "\n")
     with pytest.raises(DataError, match="content is int"):
