@@ -21,6 +21,7 @@ MERGED_DIR = "merged"  # a LoRA run's standalone merged model (--merge)
 MERGED_FROM_FILE = "merged_from.json"  # what a merged model was merged from
 TASK_SCORE_FILE = "eval.json"  # the quickstart's task score, before and after training
 QUICKSTART_MARKER = "quickstart.json"  # marks a directory the quickstart built
+TENSORBOARD_DIR = "runs"  # TensorBoard's event files (--report-to tensorboard: transformers' logging_dir)
 
 # ---- files of a model directory that transformers and PEFT write ----------------------------------
 MODEL_CONFIG_FILE = "config.json"

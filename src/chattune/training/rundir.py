@@ -36,13 +36,16 @@ from chattune.outputs import (
     QUICKSTART_MARKER,
     REJECTED_FILE,
     REPLACED_SUFFIX,
+    TENSORBOARD_DIR,
 )
 from chattune.training.checkpoints import CheckpointError, check_resume_target, checkpoint_dirs, newest_complete
 
 log = logging.getLogger("chattune")
 
-# what an attempt that ended before its first checkpoint leaves: a new run may start over it
-BOOKKEEPING = {CONFIG_FILE, LOG_FILE, METRICS_FILE, REJECTED_FILE, CHECKPOINT_STAGING, FINAL_STAGING, LOCK_FILE}
+# what an attempt that ended before its first checkpoint leaves: a new run may start over it (TensorBoard's
+# runs/ gets one more subfolder)
+BOOKKEEPING = {CONFIG_FILE, LOG_FILE, METRICS_FILE, REJECTED_FILE, CHECKPOINT_STAGING, FINAL_STAGING, LOCK_FILE,
+               TENSORBOARD_DIR}
 
 
 def _resolved(path) -> Path:

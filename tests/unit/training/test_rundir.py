@@ -92,6 +92,7 @@ def test_a_failed_attempt_without_checkpoint_or_model_is_simply_retried(model_di
     out.mkdir()
     (out / CONFIG_FILE).write_text("train: {}\n")
     (out / LOG_FILE).write_text("an earlier attempt that failed on its data\n")
+    (out / "runs").mkdir()  # its TensorBoard events (--report-to tensorboard)
     run_train(small_run(model_dir, ultrachat_dir, out, max_steps=2))
     assert (out / LOG_FILE).read_text().startswith("an earlier attempt")  # kept, appended to
 
