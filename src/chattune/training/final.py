@@ -6,7 +6,7 @@ its model files are. Every file (weights, configs, tokenizer, template, adapter 
 into OUTPUT/.final-staging. Then OUTPUT/chattune-model.json is replaced by the new manifest marked
 incomplete, each file is renamed into place, files of an earlier final model that the new one lacks are
 removed, and the manifest is rewritten as complete, last. Until that last write the directory reads as
-incomplete (model.manifest.check_complete), and chat, eval, push and export refuse it with one line
+incomplete (model.manifest.check_complete), and chat, eval, serve, merge, push and export refuse it with one line
 naming the fix; an earlier complete model stays complete until the renames begin.
 """
 

@@ -1,6 +1,6 @@
 """The final model directory is written atomically with a completion manifest (issue 11, case 3): a save
-stopped midway is detected, and chat, eval and push refuse it with one line naming the fix; directories
-without chattune's manifest (plain model directories, older runs) keep working."""
+stopped midway is detected, and chat, eval, serve, merge, export and push refuse it with one line naming the
+fix; directories without chattune's manifest (plain model directories, older runs) keep working."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from chattune.commands.train import run_train
 from chattune.config import Config
 from chattune.errors import ChattuneError
 from chattune.model.manifest import check_complete
-from chattune.outputs import FINAL_STAGING, MODEL_MANIFEST
+from chattune.outputs import ADAPTER_CONFIG_FILE, FINAL_STAGING, MODEL_MANIFEST
 
 
 class Killed(BaseException):
@@ -73,10 +73,12 @@ def test_a_final_save_killed_midway_is_refused_until_resumed(model_dir, ultracha
     with pytest.raises(ChattuneError, match="did not finish.*--resume"):
         check_complete(out)
     for argv in (["chat", str(out), "--message", "hi"], ["eval", str(out), "--split", "test_gen"],
-                 ["push", str(out), "--repo", "me/x", "--dry-run", "--output-dir", str(tmp_path / "up")]):
+                 ["push", str(out), "--repo", "me/x", "--dry-run", "--output-dir", str(tmp_path / "up")],
+                 ["serve", str(out), "--port", "0"],
+                 ["export", str(out), "--output-dir", str(tmp_path / "gguf")]):
         err = one_line_refusal(capsys, argv)
         assert "incomplete" in err and "--resume" in err, (argv, err)
-    assert not (tmp_path / "up").exists()
+    assert not (tmp_path / "up").exists() and not (tmp_path / "gguf").exists()
 
     run_train(small_run(model_dir, ultrachat_dir, out, resume=True))  # the fix the message names
     check_complete(out)
@@ -110,3 +112,17 @@ def test_text_files_edited_by_hand_are_not_damage_but_missing_ones_are(trained_d
     (out / "tokenizer.json").unlink()
     with pytest.raises(ChattuneError, match="tokenizer.json is missing"):
         check_complete(out)
+
+
+def test_an_adapter_whose_final_save_did_not_finish_is_refused_before_its_base_loads(model_dir, tmp_path, capsys):
+    adapter = tmp_path / "lora-out"  # a --lora run killed while its final adapter was renamed into place
+    adapter.mkdir()
+    (adapter / ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path":
+                                                           str(model_dir), "r": 8}))
+    (adapter / MODEL_MANIFEST).write_text(json.dumps({"hash": "xxh3_128", "complete": False, "files": {}}))
+    for argv in (["merge", str(adapter), "--output-dir", str(tmp_path / "merged")],
+                 ["chat", str(adapter), "--message", "hi"],
+                 ["export", str(adapter), "--output-dir", str(tmp_path / "gguf")]):
+        err = one_line_refusal(capsys, argv)
+        assert "incomplete" in err and "did not finish" in err, (argv, err)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "gguf").exists()
