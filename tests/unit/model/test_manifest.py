@@ -114,7 +114,14 @@ def test_text_files_edited_by_hand_are_not_damage_but_missing_ones_are(trained_d
         check_complete(out)
 
 
-def test_an_adapter_whose_final_save_did_not_finish_is_refused_before_its_base_loads(model_dir, tmp_path, capsys):
+def test_an_adapter_whose_final_save_did_not_finish_is_refused_before_its_base_loads(model_dir, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import chattune.model.adapters as adapters
+
+    def no_base(*a, **kw):
+        raise AssertionError("the base model was loaded for an incomplete adapter")
+
+    monkeypatch.setattr(adapters, "load_pretrained", no_base)
     adapter = tmp_path / "lora-out"  # a --lora run killed while its final adapter was renamed into place
     adapter.mkdir()
     (adapter / ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path":
