@@ -35,7 +35,11 @@ def defaults() -> Config:
 
 
 def run(args) -> int:
-    run_dpo(config_from_args(args, defaults()))
+    from chattune.training.rundir import check_output_dir
+
+    cfg = config_from_args(args, defaults())
+    check_output_dir(cfg)  # a refused --output-dir answers before run_dpo's heavy imports (@quiet)
+    run_dpo(cfg)
     return 0
 
 
@@ -46,8 +50,10 @@ def run_dpo(cfg: Config) -> dict:
     from chattune.data.preferences import default_splits
     from chattune.training import steps
     from chattune.training.args import dpo_args
+    from chattune.training.rundir import check_output_dir
 
     cfg = validate(cfg)
+    check_output_dir(cfg)  # before any data or weights load (checked again under the lock)
     note = default_splits(cfg.data)
     if note:
         log.info(note)
@@ -63,7 +69,7 @@ def run_dpo(cfg: Config) -> dict:
             cfg.save(out)
         args = dpo_args(cfg, precision, data["eval_rows"] is not None, use_cpu=device == "cpu")
         model = steps.build_model(cfg, tokenizer, setup, args)
-        trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, out)
+        trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, out, resume)
         before = score(cfg, trainer, tokenizer, data, state)
         result = steps.train(trainer, signals, control, resume, out, state)
         return finish(cfg, trainer, tokenizer, data, result, before, out, device, precision, state)
@@ -101,15 +107,17 @@ def prepare_pairs(cfg: Config, out: Path, state):
                               "eval_rows": eval_rows, "train_stats": train_stats, "eval_stats": eval_stats}
 
 
-def build_trainer(cfg: Config, model, tokenizer, data, args, out: Path):
+def build_trainer(cfg: Config, model, tokenizer, data, args, out: Path, resume: str | None = None):
     from chattune.training import early_stop, steps
     from chattune.training.callbacks import MetricsLogger
     from chattune.training.dpo import ChattuneDPOTrainer
+    from chattune.training.interrupts import ResumeCheck
 
     signals, control = steps.guards(cfg)
     trainer = ChattuneDPOTrainer(model=model, args=args, train_dataset=data["train_rows"],
                                  eval_dataset=data["eval_rows"], processing_class=tokenizer,
-                                 callbacks=[MetricsLogger(out), control, *early_stop.callbacks(cfg)])
+                                 callbacks=[MetricsLogger(out), control, ResumeCheck(resume),
+                                            *early_stop.callbacks(cfg)])
     if not trainer.fast_head:
         log.info("this model's LM head is not a plain linear layer: TRL's own log-prob head is used")
     return trainer, signals, control
@@ -144,7 +152,9 @@ def finish(cfg: Config, trainer, tokenizer, data, result, before, out: Path, dev
     from chattune.training import steps
 
     final, stopping = steps.final_evaluation(cfg, trainer, data["eval_rows"] is not None)
-    results = {"train": result.metrics, "eval": final, "max_length": cfg.data.max_length,
+    # the trainer's final state: steps and epochs actually run (the last logged step may be earlier)
+    train = {**result.metrics, "global_step": trainer.state.global_step, "epoch": trainer.state.epoch}
+    results = {"train": train, "eval": final, "max_length": cfg.data.max_length,
                "data": {"train": vars(data["train_stats"]),
                         "eval": vars(data["eval_stats"]) if data["eval_stats"] else None},
                "dpo": dataclasses.asdict(cfg.dpo), "device": device, "precision": precision}
@@ -160,5 +170,5 @@ def finish(cfg: Config, trainer, tokenizer, data, result, before, out: Path, dev
     if trainer.is_world_process_zero():
         write_dpo_report(cfg, out, tokenizer, data["train_split"], data["eval_split"])
         write_dpo_card(out)
-    return {"output_dir": str(out), "train": result.metrics, "eval": final,
+    return {"output_dir": str(out), "train": train, "eval": final,
             "preference": results.get("preference")}
