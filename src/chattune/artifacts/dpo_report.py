@@ -10,7 +10,7 @@ from pathlib import Path
 
 from chattune.artifacts.card import build_card
 from chattune.artifacts.render import preference_rows, read_json, render
-from chattune.artifacts.report import _samples, plot_curves, read_metrics, sample_budget
+from chattune.artifacts.report import _samples, markers, plot_curves, read_metrics, sample_budget
 from chattune.data.mixture import sources
 from chattune.errors import ReportError
 from chattune.outputs import CONFIG_FILE, METRICS_FILE, PLOTS_DIR, REJECTED_FILE, REPORT_FILE, RESULTS_FILE
@@ -39,7 +39,8 @@ def plot_rewards(out: Path, records: list[dict]) -> list[tuple]:
         for key in keys:
             name = key.split("/")[1]
             if train:
-                ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1.3, label=f"train {name}")
+                ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1.3, label=f"train {name}",
+                        **markers(len(train)))
             if evals:
                 ax.plot([r["step"] for r in evals], [r[f"eval_{key}"] for r in evals], "o--", lw=1.3,
                         label=f"eval {name}")
