@@ -84,6 +84,24 @@ def test_bad_pairs_stop_before_any_weights_load(tmp_path, trained_dir):
     assert not (out / "model.safetensors").exists()
 
 
+def test_skip_invalid_trains_on_the_valid_pairs_and_records_the_rest(tmp_path, trained_dir, ultrafeedback_dir):
+    import pyarrow.parquet as pq
+
+    from chattune.demo import assets
+
+    rows = pq.read_table(ultrafeedback_dir / "data" / "train_prefs-00000-of-00001.parquet").to_pylist()[:16]
+    rows[3] = {**rows[3], "rejected": rows[3]["chosen"]}
+    test = pq.read_table(ultrafeedback_dir / "data" / "test_prefs-00000-of-00001.parquet").to_pylist()[:4]
+    data = assets.write_hub_layout({"train_prefs": rows, "test_prefs": test}, tmp_path / "data")
+    cfg = _cfg(trained_dir, data, tmp_path / "out", max_steps=1, eval_steps=None)
+    cfg.data.skip_invalid = True
+    run_dpo(cfg)
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["where"].endswith("train_prefs-00000-of-00001.parquet row 3")) for r in rejected] == \
+        [("identical chosen and rejected", True)]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["data"]["train"]["pairs"] == 15
+
+
 def test_yaml_and_flags_share_the_schema_with_dpo_defaults(tmp_path):
     parser = build_parser("dpo")
     cfg = config_from_args(parser.parse_args(["dpo", "--beta", "0.1"]), defaults())
