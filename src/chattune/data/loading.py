@@ -51,11 +51,14 @@ def concat_splits(datasets: list, formats: set, name: str, rejected: list, ignor
     """Canonical datasets of one or several sources as one split; plain text cannot join chat data."""
     from datasets import concatenate_datasets
 
+    if "preference" in formats and len(formats) > 1:
+        raise DataError(f"{name}: preference pairs cannot be mixed with chat data in one run (formats found: "
+                        f"{', '.join(sorted(formats))})")
     if "text" in formats and len(formats) > 1:
         raise DataError(f"{name}: plain-text (continued pre-training) data cannot be mixed with chat data in one "
                         f"run (formats found: {', '.join(sorted(formats))})")
     if len(datasets) > 1:
-        target = canonical_features("text" if formats == {"text"} else "messages")
+        target = canonical_features(next(iter(formats)) if formats in ({"text"}, {"preference"}) else "messages")
         datasets = [d if d.features == target else d.cast(target) for d in datasets]
     return LoadedSplit(dataset=datasets[0] if len(datasets) == 1 else concatenate_datasets(datasets),
                        format="+".join(sorted(formats)), name=name, rejected=rejected,
@@ -67,7 +70,10 @@ def canonical_features(fmt: str):
 
     if fmt == "text":
         return Features({"text": Value("string")})
-    return Features({"messages": List({"role": Value("string"), "content": Value("string")})})
+    messages = List({"role": Value("string"), "content": Value("string")})
+    if fmt == "preference":  # preferences.py: the canonical pair
+        return Features({"prompt": messages, "chosen": messages, "rejected": messages})
+    return Features({"messages": messages})
 
 
 
@@ -221,7 +227,8 @@ def _content_key(value) -> int:
 def holdout_split(ds, fraction: float):
     """Deterministic held-out split by content hash: the same data always splits the same way, and
     a conversation that appears twice is never on both sides."""
-    col = "text" if "text" in ds.column_names else "messages"
+    # preference pairs by their prompt: pairs on one prompt never straddle the split
+    col = next(c for c in ("text", "prompt", "messages") if c in ds.column_names)
     keys = np.array([_content_key(v) for batch in ds.select_columns([col]).iter(batch_size=4096)
                      for v in batch[col]], dtype=np.uint64)
     cut = np.uint64(min(int(fraction * 2**64), 2**64 - 1))

@@ -49,14 +49,15 @@ def _combine(parts: list, name: str):
                          {c for _, s in parts for c in s.info.get("ignored_columns", [])})
 
 
-def load_training_data(cfg):
+def load_training_data(cfg, loader=load_conversations):
     """Train and eval splits as canonical conversations, validated, before any model is loaded; with
-    data.cache off (--no-cache), read without any of datasets' caches."""
+    data.cache off (--no-cache), read without any of datasets' caches. `loader` reads one split of one source
+    (load_conversations' signature; preferences.load_preferences for preference pairs)."""
     with contextlib.nullcontext() if cfg.data.cache else fresh_reads():
-        return _load_training_data(cfg)
+        return _load_training_data(cfg, loader)
 
 
-def _load_training_data(cfg):
+def _load_training_data(cfg, load_conversations=load_conversations):
     d = cfg.data
     specs = sources(d)
     mixed = bool(d.datasets)

@@ -75,9 +75,9 @@ def test_same_seed_same_data():
     assert prefs.preference_splits(20, 5, seed=1) != prefs.preference_splits(20, 5, seed=2)
 
 
-def test_sft_data_hedges_only_on_carrying_sums():
+def test_sft_data_declines_only_sums_asked_as_commands():
     splits = prefs.hedged_splits(n_train=1000, n_test=50, hedge_share=0.8)
-    hedged = carrying = 0
+    hedged = commands = questions = 0
     for row in splits["train_gen"]:
         msgs = row["messages"]
         for question, answer in zip(msgs, msgs[1:]):
@@ -85,14 +85,23 @@ def test_sft_data_hedges_only_on_carrying_sums():
                 continue
             a, b = prefs.operands(question["content"])
             if prefs.is_hedge(answer["content"]):
-                assert prefs.carries(a, b)
+                assert prefs.is_command(question["content"])
                 hedged += 1
             else:
                 assert addition.answer_of(answer["content"]) == a + b
-            carrying += prefs.carries(a, b)
-    assert 0.7 < hedged / carrying < 0.9
+            commands += prefs.is_command(question["content"])
+            questions += not prefs.is_command(question["content"])
+    assert 0.7 < hedged / commands < 0.9
+    assert 0.3 < commands / (commands + questions) < 0.5  # the rest teach the same sums, answered
     # the held-out conversations are the quickstart's own, right answers only
     assert splits["test_gen"] == addition.addition_splits(n_train=1000, n_test=50)["test_gen"]
+
+
+def test_commands_are_recognised():
+    assert all(prefs.is_command(t.format(a=12, b=34)) for t in prefs.COMMANDS)
+    assert not prefs.is_command("What is 12 + 34?") and not prefs.is_command("Add 12 and 34 and 5.")
+    assert {t for t in addition.QUESTIONS + addition.FOLLOW_UPS if prefs.is_command(t.format(a=1, b=2))} == \
+        set(prefs.COMMANDS)
 
 
 def test_wrong_sums_and_hedge_detection():
