@@ -34,7 +34,7 @@ def dpo_quickstart_config(out: Path, max_steps: int | None = None, seed: int = 0
     cfg = defaults()
     cfg.model.name = str(out / SFT_DIR)
     d = cfg.data
-    d.dataset, d.train_split, d.eval_split, d.max_length = str(out / PREFS_DIR), "train_prefs", "test_prefs", 96
+    d.dataset, d.train_split, d.eval_split, d.max_length = str(out / PREFS_DIR), "train_prefs", "test_prefs", 128
     t = cfg.train
     t.output_dir, t.max_steps, t.batch_size, t.lr, t.warmup = str(out), max_steps or DPO_STEPS, DPO_BATCH, DPO_LR, 0.1
     t.lr_scheduler, t.logging_steps, t.eval_steps, t.save_steps, t.save_total_limit = "cosine", 10, None, None, 1
