@@ -76,8 +76,17 @@ def prepare_data(cfg: Config, out: Path, state):
     return tokenizer, setup, data
 
 
+def training_collator(cfg: Config, tokenizer, device: str):
+    """Right-padded batches that also carry what the host knows about them (collate.py); on CUDA lengths padded
+    to multiples of 8 (tensor cores), or to a few fixed lengths with --fixed-shapes (a compiled step)."""
+    from chattune.data.collate import PadCollator, length_buckets
+
+    buckets = length_buckets(cfg.data.max_length) if cfg.train.fixed_shapes or cfg.train.compile else None
+    return PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None, host_facts=True,
+                       buckets=buckets)
+
+
 def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precision: str, out: Path):
-    from chattune.data.collate import PadCollator
     from chattune.model.memory import estimate, report
     from chattune.training import early_stop, steps
     from chattune.training.callbacks import MetricsLogger
@@ -86,7 +95,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precis
     signals, control = steps.guards(cfg)
     trainer = ChattuneTrainer(
         model=model, args=args, train_dataset=data.train_rows, eval_dataset=data.eval_rows, processing_class=tokenizer,
-        data_collator=PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None),
+        data_collator=training_collator(cfg, tokenizer, device),
         callbacks=[MetricsLogger(out), control, *early_stop.callbacks(cfg)],
     )
     report(estimate(trainer.model, cfg.train.batch_size, cfg.data.max_length, precision,

@@ -36,7 +36,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     if t.weight_decay < 0 or t.max_grad_norm < 0:
         raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
-    if t.num_workers < 0:
+    if t.num_workers is not None and t.num_workers < 0:
         raise ConfigError(f"train.num_workers must be >= 0, got {t.num_workers}")
     if t.attention_dropout is not None and not 0 <= t.attention_dropout < 1:
         raise ConfigError(f"train.attention_dropout must be in [0, 1), got {t.attention_dropout}")

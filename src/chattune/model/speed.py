@@ -70,6 +70,17 @@ def loss_inputs(model_inputs: dict, labels: torch.Tensor, causal: bool) -> dict:
     return model_inputs
 
 
+def cache_library_probes() -> None:
+    """accelerate's optimizer wrapper asks importlib twice per optimizer step whether `lomo_optim` is installed
+    (is_lomo_available: a find_spec walk over sys.path); the answer cannot change during a run."""
+    import functools
+
+    import accelerate.optimizer as wrapper
+
+    if not hasattr(wrapper.is_lomo_available, "cache_info"):
+        wrapper.is_lomo_available = functools.lru_cache(maxsize=None)(wrapper.is_lomo_available)
+
+
 def is_causal_lm(model) -> bool:
     """Decoder-only causal language models (what chattune trains); encoder-decoders are not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
