@@ -175,7 +175,8 @@ def install_selective_head(model) -> None:
             parts = head_parts(head)
             if parts is not None:
                 h, n = flat.index_select(0, loss_index), loss_index.shape[0]
-                n_tokens = loss_valid.sum().long() if loss_valid is not None else hidden.new_full((), n, dtype=torch.long)
+                n_tokens = (loss_valid.sum().long() if loss_valid is not None
+                            else hidden.new_full((), n, dtype=torch.long))
                 return {"loss_sum": linear_cross_entropy_sum(h, *parts, loss_targets, row_weights=loss_valid),
                         "n_tokens": n_tokens}
         targets = selective_labels[:, 1:]

@@ -9,15 +9,23 @@ grouping covers the global batch (sampling.py).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 from trl import SFTTrainer
 
+from chattune.data.collate import HOST_KEYS
 from chattune.model.load import pick_device
 from chattune.model.loss import fast_loss_supported, full_logits_loss_sum, install_selective_head
-from chattune.data.collate import HOST_KEYS
-from chattune.model.speed import cache_library_probes, is_causal_lm, loss_inputs, prepare_for_training
+from chattune.model.speed import (
+    cache_library_probes,
+    install_unpacked_shortcuts,
+    is_causal_lm,
+    loss_inputs,
+    prepare_for_training,
+    unpacked_rows,
+)
 from chattune.training.checkpoints import AtomicCheckpoints
 from chattune.training.distributed import pad_to_even_shards
 from chattune.training.interrupts import StepControl
@@ -37,6 +45,7 @@ class ChattuneTrainer(ThroughputLog, AtomicCheckpoints, SFTTrainer):
         self.causal = is_causal_lm(model)
         self._nonembedding_params = None
         cache_library_probes()
+        install_unpacked_shortcuts()
         super().__init__(*args, **kwargs)
         # count loss tokens over the whole accumulated step, so every token weighs the same; the Trainer
         # then takes the loss as already scaled for accumulation (and divides it when no count came)
@@ -49,12 +58,14 @@ class ChattuneTrainer(ThroughputLog, AtomicCheckpoints, SFTTrainer):
         if self.selective:
             # right padding under a causal mask changes no real token: the mask can go (SDPA's causal fast path);
             # decided on the host when the collator says so, else by looking at the mask on the device
-            if facts.get("mask_redundant") and self.causal and "position_ids" not in model_inputs:
+            unpacked = (facts.get("mask_redundant", False) and self.causal and "position_ids" not in model_inputs)
+            if unpacked:
                 model_inputs.pop("attention_mask", None)
             elif "mask_redundant" not in facts:
                 model_inputs = loss_inputs(model_inputs, labels, self.causal)
             index = {k: facts[k] for k in ("loss_index", "loss_targets", "loss_valid") if k in facts}
-            out = model(**model_inputs, selective_labels=labels, **index)
+            with unpacked_rows() if unpacked else contextlib.nullcontext():
+                out = model(**model_inputs, selective_labels=labels, **index)
             loss_sum, n = out["loss_sum"], out["n_tokens"]
         else:
             loss_sum, n, _ = full_logits_loss_sum(model, model_inputs["input_ids"], model_inputs.get("attention_mask"),
