@@ -44,13 +44,36 @@ def run_train(cfg: Config) -> dict:
         tokenizer, setup, data = prepare_data(cfg, out, state)
         device, precision = steps.device_and_precision(cfg)
         log.info(f"device {device}, precision {precision}, max length {cfg.data.max_length}")
+        auto = cfg.train.batch_size == "auto"
+        if auto:
+            from chattune.model.batch_size import DEFAULT_MICRO
+
+            cfg.train.batch_size = DEFAULT_MICRO  # until the probe below, on CUDA, chooses
         if state.is_main_process:
             cfg.save(out)  # the resolved config (max length filled in); holds no secrets
         args = sft_args(cfg, precision, data.eval_rows is not None, use_cpu=device == "cpu")
         model = steps.build_model(cfg, tokenizer, setup, args)
+        if auto:
+            args = auto_batch_size(cfg, model, device, precision, state, out, data) or args
         trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, device, precision, out)
         result = steps.train(trainer, signals, control, resume, out, state)
         return finish(cfg, trainer, tokenizer, data, result, out, device, precision)
+
+
+def auto_batch_size(cfg: Config, model, device: str, precision: str, state, out: Path, data):
+    """--batch-size auto: choose the layout (model/batch_size.py), log it, and return the Trainer's arguments for
+    it (None when it is the provisional one)."""
+    from chattune.model.batch_size import auto_layout
+    from chattune.training.args import sft_args
+
+    layout = auto_layout(model, cfg, device, precision, state.num_processes)
+    log.info(f"batch size auto: {layout.describe()}")
+    if (layout.batch, layout.accum) == (cfg.train.batch_size, cfg.train.grad_accum):
+        return None
+    cfg.train.batch_size, cfg.train.grad_accum = layout.batch, layout.accum
+    if state.is_main_process:
+        cfg.save(out)
+    return sft_args(cfg, precision, data.eval_rows is not None, use_cpu=device == "cpu")
 
 
 def prepare_data(cfg: Config, out: Path, state):

@@ -12,7 +12,9 @@ from chattune.errors import ConfigError
 def validate(cfg: Config) -> Config:
     """Range and consistency checks; each error names its field."""
     t, d = cfg.train, cfg.data
-    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+    if isinstance(t.batch_size, str) and t.batch_size != "auto":
+        raise ConfigError(f"train.batch_size must be a whole number or auto, got {t.batch_size!r}")
+    positive = {"train.batch_size": 1 if t.batch_size == "auto" else t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.logging_steps": t.logging_steps}
     for name, v in positive.items():
         if v < 1:

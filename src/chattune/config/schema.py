@@ -90,7 +90,9 @@ class TrainConfig:
     epochs: float = opt(1.0, "passes over the training data", flag="--epochs")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)",
                                 flag="--max-steps")
-    batch_size: int = opt(4, "conversations per device per forward pass", flag="--batch-size")
+    batch_size: int | str = opt("auto", "conversations per device per forward pass; auto: 4 without a GPU, on CUDA "
+                                        "the largest that fits with the global batch (4 x --grad-accum) kept, "
+                                        "accumulation lowered to match", flag="--batch-size")
     eval_batch_size: int | None = opt(None, "evaluation batch size (default: --batch-size)",
                                       flag="--eval-batch-size")
     grad_accum: int = opt(1, "forward passes per optimizer step", flag="--grad-accum")
