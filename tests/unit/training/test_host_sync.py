@@ -119,6 +119,8 @@ def test_tokens_seen_counted_on_the_host_equal_the_devices_count(rows_and_tokeni
     device = _trainer(rows, tok, tmp_path / "device", max_steps=3, logging_steps=1)
     device.train()
     assert host.state.num_input_tokens_seen == device.state.num_input_tokens_seen > 0
+    # evaluation runs through the same collator (host facts and all) and gives the same sums
+    assert host.evaluate(Dataset.from_dict(rows))["eval_loss"] == device.evaluate(Dataset.from_dict(rows))["eval_loss"]
     assert ([r["loss"] for r in host.state.log_history if "loss" in r]
             == [r["loss"] for r in device.state.log_history if "loss" in r])
 
