@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 from chattune.config import Config, validate
 from chattune.demo import addition, assets
 from chattune.errors import ChattuneError
-from chattune.outputs import QUICKSTART_MARKER, TASK_SCORE_FILE
+from chattune.outputs import LOCK_FILE, QUICKSTART_MARKER, REPLACED_SUFFIX, TASK_SCORE_FILE
 from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
@@ -30,10 +29,14 @@ DEFAULT_STEPS = 900
 def add_arguments(p) -> None:
     p.add_argument("--output-dir", default="quickstart-out", help="where to build and train (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier quickstart in --output-dir: it is moved (never deleted) to a new sibling "
+                        "OUTPUT.replaced-DATE-TIME")
 
 
 def run(args) -> int:
-    r = run_quickstart(args.output_dir, max_steps=args.max_steps)
+    check_max_steps(args.max_steps)  # before run_quickstart's heavy imports
+    r = run_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite)
     s = r["sample"]
     print(f"\n{r['metric']} on {r['n']} held-out sums: before {r['before']:.1%} -> after {r['after']:.1%} "
           f"({r['seconds']:.0f} s)")
@@ -51,7 +54,7 @@ def quickstart_config(out: Path, max_steps: int | None = None) -> Config:
     t = cfg.train
     t.output_dir = str(out)
     t.batch_size, t.grad_accum, t.lr, t.warmup, t.weight_decay = 32, 1, 3e-3, 0.05, 0.01
-    t.max_steps = max_steps or DEFAULT_STEPS
+    t.max_steps = DEFAULT_STEPS if max_steps is None else max_steps
     # answers' lengths follow the sums, so length-grouped batches would be biased: sample at random
     t.group_by_length = False
     t.lr_scheduler, t.logging_steps, t.eval_steps, t.save_steps, t.save_total_limit = "cosine", 50, 250, 500, 1
@@ -74,16 +77,41 @@ def score(model, tokenizer, rows: list[dict], batch_size: int = 50) -> tuple[flo
     return sum(x["correct"] for x in results) / len(results), results
 
 
-def _prepare_dir(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not (out / QUICKSTART_MARKER).exists():
-            raise ChattuneError(f"{out} is not empty and not an earlier quickstart; choose another --output-dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_max_steps(max_steps: int | None) -> None:
+    if max_steps is not None and max_steps < 1:
+        raise ChattuneError(f"--max-steps must be at least 1, got {max_steps}")
+
+
+def prepare_output_dir(out: Path, overwrite: bool = False) -> None:
+    """An empty folder to build in: an earlier quickstart is moved aside with --overwrite and kept otherwise;
+    any other non-empty folder is refused. (Call it holding the folder's RunLock.)"""
+    from chattune.training.rundir import set_aside
+
+    out = Path(out)
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+    if not entries:
+        return
+    if not (out / QUICKSTART_MARKER).exists():
+        raise ChattuneError(f"{out} is not empty and not an earlier quickstart; choose another --output-dir")
+    if not overwrite:
+        raise ChattuneError(f"{out} holds an earlier quickstart: pass --overwrite to move it to "
+                            f"{out.name}{REPLACED_SUFFIX}DATE-TIME and start afresh, or choose another --output-dir")
+    set_aside(out, entries)
 
 
 @quiet
-def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200) -> dict:
+def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200,
+                   overwrite: bool = False) -> dict:
+    check_max_steps(max_steps)  # before anything is built or moved
+    from chattune.training.lock import RunLock
+
+    out = Path(output_dir)
+    with RunLock(out):  # held while the folder is prepared; run_train takes it again inside
+        prepare_output_dir(out, overwrite)
+        return _build_train_score(out, max_steps, n_eval)
+
+
+def _build_train_score(out: Path, max_steps: int | None, n_eval: int) -> dict:
     import torch
 
     from chattune.commands.train import run_train
@@ -91,8 +119,6 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
     from chattune.model.load import load_model, load_prepared_base
 
     started = time.perf_counter()
-    out = Path(output_dir)
-    _prepare_dir(out)
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart"}))
     splits = addition.addition_splits(n_test=n_eval)
     assets.write_hub_layout(splits, out / "data")
