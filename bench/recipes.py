@@ -178,7 +178,7 @@ def run_trl_gpu(spec: dict, meter: measure.Meter):
     try:  # installed and importable with this torch and transformers (its wheel is in gpu_check.sh's list)
         import liger_kernel.transformers  # noqa: F401
 
-        liger = torch.cuda.is_available()
+        liger = torch.cuda.is_available() and spec.get("liger", True)
     except Exception:
         liger = False
     tokenizer = chat_tokenizer(spec["base_dir"])

@@ -219,3 +219,14 @@ def test_a_save_reads_the_flag_first_so_broken_weights_are_never_saved():
     control = TrainerControl(should_save=True)
     ctl.on_epoch_end(None, TrainerState(global_step=1), control)  # the epoch-end save
     assert ctl.nonfinite_step == 1 and not control.should_save
+
+
+def test_a_signal_save_reads_the_flag_first():
+    class Received:
+        received = 15  # SIGTERM arrived
+
+    ctl = StepControl()
+    _step(ctl, 1, float("nan"))
+    ctl.signals = Received()
+    control = _step(ctl, 2, 1.0)  # not a logging step, but the signal asks for a save
+    assert ctl.nonfinite_step == 1 and not control.should_save and control.should_training_stop
