@@ -207,7 +207,8 @@ def run_chattune(spec: dict, meter: measure.Meter, attention_dropout: float | No
     cfg.model.name = spec["base_dir"]
     cfg.data.dataset, cfg.data.train_split, cfg.data.max_length = spec["data_dir"], "train_gen", spec["max_length"]
     t = cfg.train
-    t.output_dir, t.batch_size, t.grad_accum = spec["work_dir"], 4, 4
+    # a directory of its own: `chattune train` refuses a non-empty one that is not a run (work_dir holds spec.json)
+    t.output_dir, t.batch_size, t.grad_accum = str(Path(spec["work_dir"]) / "out"), 4, 4
     t.max_steps, t.seed, t.attention_dropout = spec["max_steps"], spec["seed"], attention_dropout
     # the GPU check: chattune's defaults there (--batch-size auto keeps 4 x 4 = 16 conversations a step), a
     # forced precision, torch.compile; a few losses logged for the fp16 / bf16 comparison
@@ -246,12 +247,13 @@ def main(recipe: str, spec_file: str, result_file: str) -> None:
     if torch.cuda.is_available():
         result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["gpu"] = torch.cuda.get_device_name(0)
-    metrics = Path(spec["work_dir"]) / "metrics.jsonl"  # chattune's log: the loss curve (fp16 vs bf16)
+    metrics = Path(spec["work_dir"]) / "out" / "metrics.jsonl"  # chattune's log: the loss curve (fp16 vs bf16)
     if metrics.is_file():
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         result["train_losses"] = [[r["step"], r["loss"]] for r in records if "loss" in r]
         result["train_log"] = [r for r in records if "train_runtime" not in r]
-    saved = Path(spec["work_dir"]) / "chattune.yaml"  # chattune's resolved config: the layout --batch-size auto chose
+    # chattune's resolved config: the layout --batch-size auto chose
+    saved = Path(spec["work_dir"]) / "out" / "chattune.yaml"
     if saved.is_file():
         import yaml
 
