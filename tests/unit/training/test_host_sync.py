@@ -230,3 +230,37 @@ def test_a_signal_save_reads_the_flag_first():
     ctl.signals = Received()
     control = _step(ctl, 2, 1.0)  # not a logging step, but the signal asks for a save
     assert ctl.nonfinite_step == 1 and not control.should_save and control.should_training_stop
+
+
+def test_cuda_only_settings_leave_a_cpu_run_unchanged(monkeypatch, tmp_path):
+    from chattune.training import args as targs
+
+    cfg = Config()
+    cfg.train.output_dir = str(tmp_path)
+    cpu = targs.sft_args(cfg, "fp32", False, use_cpu=True)
+    from transformers import TrainingArguments
+
+    assert cpu.optim == TrainingArguments(output_dir=str(tmp_path)).optim  # transformers' default, whatever it is
+    assert cpu.dataloader_num_workers == 0 and not cpu.dataloader_pin_memory
+    assert not cpu.accelerator_config.non_blocking
+    monkeypatch.setattr(targs, "_cuda", lambda: True)
+    cuda = targs.sft_args(cfg, "fp32", False, use_cpu=False)
+    assert cuda.optim.value == "adamw_torch_fused" and cuda.accelerator_config.non_blocking
+    assert cuda.dataloader_pin_memory and cuda.dataloader_num_workers == targs.CUDA_WORKERS
+    cfg.train.num_workers = 0  # asked for: kept
+    assert targs.sft_args(cfg, "fp32", False, use_cpu=False).dataloader_num_workers == 0
+
+
+def test_fixed_shapes_and_compile_reach_the_collator_and_the_trainer(tiny_tokenizer, tmp_path):
+    from chattune.commands.train import training_collator
+    from chattune.training.args import sft_args
+
+    cfg = Config()
+    cfg.data.max_length, cfg.train.output_dir = 256, str(tmp_path)
+    assert training_collator(cfg, tiny_tokenizer, "cpu").buckets is None  # off by default
+    assert training_collator(cfg, tiny_tokenizer, "cpu").host_facts
+    cfg.train.fixed_shapes = True
+    assert training_collator(cfg, tiny_tokenizer, "cpu").buckets == (64, 96, 128, 192, 256)
+    cfg.train.fixed_shapes, cfg.train.compile = False, True
+    assert training_collator(cfg, tiny_tokenizer, "cuda").buckets == (64, 96, 128, 192, 256)
+    assert sft_args(cfg, "fp32", False, use_cpu=True).torch_compile
