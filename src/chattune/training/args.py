@@ -14,8 +14,9 @@ def _cuda() -> bool:
 
 def cuda_kwargs(t) -> dict:
     """What only pays on a CUDA GPU (a CPU run keeps the defaults): one fused AdamW kernel for all parameters
-    instead of a loop of foreach kernels (transformers 5's default already; explicit for older ones); batches copied from pinned memory without the host waiting for the
-    copy; the next batches collated by worker processes while the GPU computes (unless --num-workers says)."""
+    instead of a loop of foreach kernels (transformers 5's default already; explicit for older ones); batches
+    copied from pinned memory without the host waiting for the copy; the next batches collated by worker
+    processes while the GPU computes (unless --num-workers says)."""
     kwargs = dict(optim="adamw_torch_fused", accelerator_config={"non_blocking": True})
     if t.num_workers is None:
         kwargs.update(dataloader_num_workers=CUDA_WORKERS, dataloader_prefetch_factor=4,
