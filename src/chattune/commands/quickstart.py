@@ -2,7 +2,8 @@
 
 It builds a small GPT-2 and a chat data set that teaches two-digit addition (laid out like gpt2 and
 ultrachat_200k on the hub), fine-tunes with the same `train` code path as any run, and scores the
-exact-match rate of answers to held-out sums before and after training.
+exact-match rate of answers to held-out sums before and after training. `--task tools` does the same for
+tool calling (quickstart_tools.py): the model learns to call a calculator tool with the right arguments.
 """
 
 from __future__ import annotations
@@ -23,15 +24,25 @@ log = logging.getLogger("chattune")
 METRIC = "addition_exact_match"
 # fits the 5-minute bound on 2 cores with room for a slower host; the score still climbs after it
 DEFAULT_STEPS = 900
+TOOLS_STEPS = 400  # --task tools: longer rows (the tool definitions), an easier skill (copying numbers)
 
 
 
 def add_arguments(p) -> None:
     p.add_argument("--output-dir", default="quickstart-out", help="where to build and train (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"optimizer steps (default: {DEFAULT_STEPS}; {TOOLS_STEPS} for --task tools)")
+    p.add_argument("--task", choices=("addition", "tools"), default="addition",
+                   help="addition: answer sums (default); tools: call an add(a, b) tool with the right arguments and "
+                        "answer with its result")
 
 
 def run(args) -> int:
+    if args.task == "tools":
+        from chattune.commands.quickstart_tools import print_result, run_tool_quickstart
+
+        print_result(run_tool_quickstart(args.output_dir, max_steps=args.max_steps), args.output_dir)
+        return 0
     r = run_quickstart(args.output_dir, max_steps=args.max_steps)
     s = r["sample"]
     print(f"\n{r['metric']} on {r['n']} held-out sums: before {r['before']:.1%} -> after {r['after']:.1%} "
@@ -73,7 +84,7 @@ def score(model, tokenizer, rows: list[dict], batch_size: int = 50) -> tuple[flo
     return sum(x["correct"] for x in results) / len(results), results
 
 
-def _prepare_dir(out: Path) -> None:
+def prepare_dir(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / QUICKSTART_MARKER).exists():
             raise ChattuneError(f"{out} is not empty and not an earlier quickstart; choose another --output-dir")
@@ -90,7 +101,7 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
 
     started = time.perf_counter()
     out = Path(output_dir)
-    _prepare_dir(out)
+    prepare_dir(out)
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart"}))
     splits = addition.addition_splits(n_test=n_eval)
     assets.write_hub_layout(splits, out / "data")

@@ -24,6 +24,7 @@ from chattune.data.chatml import (  # noqa: F401  (re-exported: the template's n
     cut_point,
     render_chatml,
     render_chatml_columns,
+    tools_system_text,
 )
 from chattune.errors import ChattuneError
 

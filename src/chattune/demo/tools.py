@@ -1,0 +1,68 @@
+"""The tool-calling task (`chattune quickstart --task tools`): a calculator tool `add(a, b)`. The user asks a sum
+in varied phrasings; the assistant must call `add` with the two integers, the tool returns the sum, and the
+assistant answers with the tool's result. Test rows use operand pairs never seen in training. Rows follow
+OpenAI's chat fine-tuning format ({"messages": [...], "tools": [...]}, call arguments as JSON strings), in
+train/test splits laid out like a hub data set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from chattune.demo import addition
+
+ADD_TOOL = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers and return their sum.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer", "description": "the first number"},
+                                                    "b": {"type": "integer", "description": "the second number"}},
+                   "required": ["a", "b"]}}}
+SMALL_TALK = [("Hi!", "Hello! Ask me to add two numbers."), ("Who are you?", "I add numbers with my calculator tool."),
+              ("Thanks.", "You are welcome."), ("What can you do?", "I can add two integers for you.")]
+
+
+def call_turns(rng: random.Random, a: int, b: int, k: int) -> list[dict]:
+    """The assistant's call, the tool's result and the assistant's answer for one sum."""
+    call_id = f"call_{k}_{rng.randrange(16**6):06x}"
+    return [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function",
+                 "function": {"name": "add", "arguments": json.dumps({"a": a, "b": b})}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"result": a + b})},
+            {"role": "assistant", "content": addition.reply(a, b)}]
+
+
+def conversation(rng: random.Random, pairs: list[tuple[int, int]], multi_turn: float = 0.2, system: float = 0.2,
+                 small_talk: float = 0.1) -> list[dict]:
+    msgs = [{"role": "system", "content": rng.choice(addition.SYSTEMS)}] if rng.random() < system else []
+    if rng.random() < small_talk:  # turns without a call, so the model also learns when not to call
+        question, answer = rng.choice(SMALL_TALK)
+        msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    a, b = rng.choice(pairs)
+    msgs += [{"role": "user", "content": rng.choice(addition.QUESTIONS).format(a=a, b=b)}, *call_turns(rng, a, b, 0)]
+    if rng.random() < multi_turn:
+        a, b = rng.choice(pairs)
+        msgs += [{"role": "user", "content": rng.choice(addition.FOLLOW_UPS).format(a=a, b=b)},
+                 *call_turns(rng, a, b, 1)]
+    return msgs
+
+
+def tool_splits(n_train: int = 3000, n_test: int = 200, seed: int = 0, **conv_kw) -> dict[str, list[dict]]:
+    """Rows {"messages", "tools"}; test rows use held-out operand pairs only (the quickstart's split of pairs)."""
+    rng = random.Random(seed)
+    out = {}
+    for split, n, held in (("train", n_train, False), ("test", n_test, True)):
+        pairs = addition.operand_pairs(held)
+        out[split] = [{"messages": conversation(rng, pairs, **conv_kw), "tools": [ADD_TOOL]} for _ in range(n)]
+    return out
+
+
+def texts_of(splits: dict[str, list[dict]]):
+    """Text for training the demo tokenizer: every message, call and the tool definition as the template shows."""
+    yield "system user assistant tool <tools></tools> <tool_response></tool_response> " + json.dumps(ADD_TOOL)
+    for rows in splits.values():
+        for row in rows:
+            for m in row["messages"]:
+                yield m["content"] or ""
+                for c in m.get("tool_calls") or []:
+                    fn = c["function"]
+                    yield json.dumps({"name": fn["name"], "arguments": json.loads(fn["arguments"])})
