@@ -22,7 +22,7 @@ from chattune.outputs import QUICKSTART_MARKER, TASK_SCORE_FILE
 
 log = logging.getLogger("chattune")
 METRIC = "tool_call_accuracy"
-MAX_LENGTH = 384  # the longest test conversation is ~300 tokens with the demo tokenizer
+MAX_LENGTH = 384  # the longest test conversation is ~320 tokens with the demo tokenizer
 
 
 def tool_config(out: Path, max_steps: int | None = None) -> Config:
@@ -50,8 +50,10 @@ def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | N
     import torch
 
     from chattune.commands.train import run_train
+    from chattune.data.formats import from_messages
     from chattune.data.loading import load_conversations
-    from chattune.data.template import tools_system_text
+    from chattune.data.template import render_chatml
+    from chattune.data.tools import normalize_tools
     from chattune.model.hub import load_tokenizer
     from chattune.model.load import load_model, load_prepared_base
 
@@ -62,9 +64,12 @@ def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | N
     splits = tools.tool_splits(n_test=n_eval)
     assets.write_hub_layout(splits, out / "data", title="Calling an add(a, b) tool",
                             note="rows follow OpenAI's chat fine-tuning format with tools")
-    # the tokenizer also learns the template's tool instructions, which every conversation starts with
-    texts = [*tools.texts_of(splits), tools_system_text(None, [tools.ADD_TOOL])]
-    assets.build_base_model(out / "base-model", splits, texts=texts, vocab_size=1000, n_positions=512)
+    # the tokenizer learns the conversations as the template shows them (tool instructions included), with whole
+    # numbers as tokens (GPT-2's pre-tokenizer): the model copies numbers, the tool does the sums
+    convs = [from_messages(r, {}) for r in splits["train"]]
+    texts = render_chatml(convs, [normalize_tools(r["tools"]) for r in splits["train"]])[0]
+    assets.build_base_model(out / "base-model", splits, texts=texts, vocab_size=1000, split_digits=False,
+                            n_positions=512)
     log.info(f"built {out / 'base-model'} (2-layer GPT-2, random init) and {out / 'data'} "
              f"({len(splits['train'])} train / {len(splits['test'])} held-out conversations)")
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -79,10 +79,11 @@ def texts_of(splits: dict[str, list[dict]]):
 
 
 def build_base_model(directory: str | Path, splits: dict[str, list[dict]], texts=None, vocab_size: int = 400,
-                     **model_kw) -> Path:
+                     split_digits: bool = True, **model_kw) -> Path:
     """Tokenizer + tiny GPT-2 in one directory, laid out like the gpt2 hub repo (the tokenizer trained on
     `texts`, by default the splits' message contents)."""
     directory = Path(directory)
-    tok = train_tokenizer(list(texts if texts is not None else texts_of(splits)), directory, vocab_size=vocab_size)
+    tok = train_tokenizer(list(texts if texts is not None else texts_of(splits)), directory, vocab_size=vocab_size,
+                          split_digits=split_digits)
     tiny_gpt2(len(tok), directory, **model_kw)
     return directory

@@ -13,10 +13,13 @@ import random
 from chattune.demo import addition
 
 ADD_TOOL = {"type": "function", "function": {
-    "name": "add", "description": "Add two integers and return their sum.",
-    "parameters": {"type": "object", "properties": {"a": {"type": "integer", "description": "the first number"},
-                                                    "b": {"type": "integer", "description": "the second number"}},
+    "name": "add", "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                    "required": ["a", "b"]}}}
+# every number follows a space, so that with GPT-2's pre-tokenizer (whole numbers, a leading space kept) a number
+# is the same token in the question, the call, the tool's result and the answer: the model learns to copy tokens
+QUESTIONS = [q for q in addition.QUESTIONS if not q.startswith("{")] + ["Sum {a} and {b} for me."]
+FOLLOW_UPS = ["And what about {a} and {b}?", "Now add {a} and {b}.", "What about {a} plus {b}?"]
 SMALL_TALK = [("Hi!", "Hello! Ask me to add two numbers."), ("Who are you?", "I add numbers with my calculator tool."),
               ("Thanks.", "You are welcome."), ("What can you do?", "I can add two integers for you.")]
 
@@ -28,7 +31,11 @@ def call_turns(rng: random.Random, a: int, b: int, k: int) -> list[dict]:
                 {"id": call_id, "type": "function",
                  "function": {"name": "add", "arguments": json.dumps({"a": a, "b": b})}}]},
             {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"result": a + b})},
-            {"role": "assistant", "content": addition.reply(a, b)}]
+            {"role": "assistant", "content": answer(a, b)}]
+
+
+def answer(a: int, b: int) -> str:
+    return f"The sum of {a} and {b} is {a + b}."
 
 
 def conversation(rng: random.Random, pairs: list[tuple[int, int]], multi_turn: float = 0.2, system: float = 0.2,
@@ -38,10 +45,10 @@ def conversation(rng: random.Random, pairs: list[tuple[int, int]], multi_turn: f
         question, answer = rng.choice(SMALL_TALK)
         msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     a, b = rng.choice(pairs)
-    msgs += [{"role": "user", "content": rng.choice(addition.QUESTIONS).format(a=a, b=b)}, *call_turns(rng, a, b, 0)]
+    msgs += [{"role": "user", "content": rng.choice(QUESTIONS).format(a=a, b=b)}, *call_turns(rng, a, b, 0)]
     if rng.random() < multi_turn:
         a, b = rng.choice(pairs)
-        msgs += [{"role": "user", "content": rng.choice(addition.FOLLOW_UPS).format(a=a, b=b)},
+        msgs += [{"role": "user", "content": rng.choice(FOLLOW_UPS).format(a=a, b=b)},
                  *call_turns(rng, a, b, 1)]
     return msgs
 

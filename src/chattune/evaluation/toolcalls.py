@@ -34,8 +34,19 @@ def scored_turns(conversations, tools) -> tuple[list, list]:
     return calls, answers
 
 
+def turns_of(dataset, limit: int) -> tuple[list, list]:
+    """Up to `limit` call turns and `limit` answer turns of a stored dataset, read in chunks until there are enough."""
+    calls, answers = [], []
+    for start in range(0, len(dataset), 256):
+        c, a = scored_turns(*rows_of(dataset[start:start + 256]))
+        calls, answers = calls + c, answers + a
+        if len(calls) >= limit and len(answers) >= limit:
+            break
+    return calls[:limit], answers[:limit]
+
+
 def has_tool_calls(dataset) -> bool:
-    return "tools" in dataset.column_names and bool(scored_turns(*rows_of(dataset[: min(len(dataset), 1000)]))[0])
+    return "tools" in dataset.column_names and bool(turns_of(dataset.select(range(min(len(dataset), 1000))), 1)[0])
 
 
 def _budget(tokenizer, texts: list[str]) -> int:
@@ -46,8 +57,7 @@ def _budget(tokenizer, texts: list[str]) -> int:
 
 def score_tool_calls(model, tokenizer, dataset, max_turns: int = MAX_TURNS, batch_size: int = 16) -> dict:
     """Tool-call accuracy of `model` on a canonical dataset (the wide tool schema), greedy decoding."""
-    calls, answers = scored_turns(*rows_of(dataset[:]))
-    calls, answers = calls[:max_turns], answers[:max_turns]
+    calls, answers = turns_of(dataset, max_turns)
     result = {"call_turns": len(calls), "answer_turns": len(answers)}
     if calls:
         refs = ["\n".join(f"{CALL_START}\n{call_json(c)}\n{CALL_END}" for c in m["tool_calls"]) for _, _, m in calls]

@@ -53,3 +53,63 @@ def describe_call(call: dict) -> str:
     """One line for people: add({"a": 1, "b": 2})."""
     fn = call["function"]
     return f"{fn['name']}({json.dumps(fn['arguments'], ensure_ascii=False)})"
+
+
+class CallStream:
+    """Streaming counterpart of parse_tool_calls: feed text as it is generated; get back ("content", text) events
+    for text outside call blocks (a possible start of a call tag is held back until it is known) and ("call",
+    canonical call) when a block closes with valid JSON. A block that is not a valid call is released as content
+    and counted in `invalid`. finish() flushes what is left (an unclosed block at the end is parsed too)."""
+
+    def __init__(self, id_prefix: str = "call"):
+        self.id_prefix, self.buffer, self.inside, self.calls, self.invalid = id_prefix, "", False, 0, 0
+
+    def feed(self, text: str) -> list[tuple[str, object]]:
+        self.buffer += text
+        events = []
+        while self.buffer:
+            if self.inside:
+                end = self.buffer.find(CALL_END)
+                if end < 0:
+                    break
+                events += self._block(self.buffer[:end], closed=True)
+                self.buffer = self.buffer[end + len(CALL_END):]
+                self.inside = False
+                continue
+            start = self.buffer.find(CALL_START)
+            if start >= 0:
+                if start:
+                    events.append(("content", self.buffer[:start]))
+                self.buffer, self.inside = self.buffer[start + len(CALL_START):], True
+                continue
+            keep = _partial_tag(self.buffer)  # a tail that may be the start of <tool_call>
+            if len(self.buffer) > keep:
+                events.append(("content", self.buffer[:len(self.buffer) - keep]))
+                self.buffer = self.buffer[len(self.buffer) - keep:]
+            break
+        return events
+
+    def finish(self) -> list[tuple[str, object]]:
+        rest, inside = self.buffer, self.inside
+        self.buffer, self.inside = "", False
+        if inside:
+            return self._block(rest, closed=False)
+        return [("content", rest)] if rest else []
+
+    def _block(self, inner: str, closed: bool) -> list[tuple[str, object]]:
+        try:
+            call = normalize_call(json.loads(inner.strip()))
+        except (ValueError, ToolFormatError, RecursionError):
+            self.invalid += 1
+            return [("content", CALL_START + inner + (CALL_END if closed else ""))]
+        call["id"] = f"{self.id_prefix}_{self.calls}"
+        self.calls += 1
+        return [("call", call)]
+
+
+def _partial_tag(text: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of the call tag."""
+    for k in range(min(len(text), len(CALL_START) - 1), 0, -1):
+        if CALL_START.startswith(text[-k:]):
+            return k
+    return 0

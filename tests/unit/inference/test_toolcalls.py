@@ -16,7 +16,7 @@ from chattune.demo import assets
 from chattune.errors import ChattuneError
 from chattune.inference.chat import ChatSession
 from chattune.inference.generate import generate_replies
-from chattune.inference.toolcalls import parse_tool_calls
+from chattune.inference.toolcalls import CallStream, parse_tool_calls
 from chattune.model.load import load_chat_model
 
 ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": {
@@ -38,6 +38,24 @@ def test_parser_reads_calls_and_keeps_invalid_blocks_as_text():
     assert parsed.tool_calls == [] and parsed.invalid == 1 and parsed.content == f"hmm {broken}"
     assert parse_tool_calls("<tool_call>[1, 2]</tool_call>").invalid == 1  # JSON, but not a call
     assert parse_tool_calls("no call here") == parse_tool_calls("no call here ")
+
+
+@pytest.mark.parametrize("text", [
+    f"Let me add.\n{CALL}", f"{CALL}\n{CALL}", "plain text with a < sign and <tool", f"{CALL[:-5]}",
+    '<tool_call>\n{"name": "add", "arguments": {"a": 1,}\n</tool_call> then text', "a <tool_call> never closed",
+])
+def test_streamed_parsing_gives_what_parsing_the_whole_text_gives(text):
+    whole = parse_tool_calls(text)
+    for size in (1, 2, 3, 7, 1000):
+        stream, content, calls = CallStream(), [], []
+        for k in range(0, len(text), size):
+            for kind, value in stream.feed(text[k:k + size]):
+                (content if kind == "content" else calls).append(value)
+                assert kind != "content" or "<tool_call>" not in value or stream.invalid  # never a half-seen tag
+        for kind, value in stream.finish():
+            (content if kind == "content" else calls).append(value)
+        assert calls == whole.tool_calls and stream.invalid == whole.invalid
+        assert "".join(content).strip() == whole.content
 
 
 class Script:
