@@ -10,7 +10,7 @@ inside functions included):
     training/, inference/  trainers, checkpoints, interrupts, metrics | generation, chat sessions
     model/                 loading (safetensors only), adapters, the selective LM head, speed-ups, memory
     data/, demo/           sources, formats, checks, template, tokens, cache | offline demo assets
-    config.py, errors.py, outputs.py   the schema, user-facing errors, shared names
+    config.py, errors.py, outputs.py, verbosity.py   the schema, user-facing errors, shared names, library noise
 
 A new command is a module in commands/ plus a line in cli.COMMANDS; library code it needs goes in the
 lowest layer that can hold it. The stable entry points are re-exported here (loaded on first use, so

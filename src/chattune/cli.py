@@ -54,6 +54,8 @@ def _setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[chattune] %(message)s"))
     log.handlers[:] = [handler]
+    # the level is also what the command entry points read to keep the libraries' progress bars and notices
+    # off during a run (verbosity.quiet_libraries); --debug leaves them on
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
     if not debug:

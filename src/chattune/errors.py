@@ -19,3 +19,10 @@ class ConfigError(ChattuneError):
 
 class DataError(ChattuneError):
     """A data set that cannot be used as given."""
+
+
+class ReportError(ChattuneError):
+    """The run finished and its model is saved, but its report could not be written (exit code 3, so a script
+    can tell this from bad input, where nothing was trained)."""
+
+    exit_code = 3

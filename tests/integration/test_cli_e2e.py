@@ -97,6 +97,20 @@ def test_metrics_log_has_training_and_eval_records(trained):
     assert [r["step"] for r in train] == sorted({r["step"] for r in train})
 
 
+def test_one_progress_display_and_no_library_noise(trained):
+    """datasets' and transformers' bars and notices stay off: chattune's lines, then the Trainer's bar."""
+    _, proc = trained
+    err = proc.stderr
+    for noise in ("Tokenizing", "Converting", "Saving the dataset", "Generating train split", "Loading weights",
+                  "Writing model shards", "new embeddings will be initialized", "loss_type=None", "attention_mask",
+                  "Warning:", "warn("):
+        assert noise not in err, noise
+    lines = err.replace("\r", "\n").splitlines()
+    bars = [line for line in lines if "|" in line and ("it/s]" in line or "s/it]" in line)]
+    assert bars and all(line.lstrip()[0].isdigit() and "/3 [" in line for line in bars), bars  # no other bar
+    assert "[chattune] device cpu" in err
+
+
 def test_no_token_in_any_output_file(trained):
     out, proc = trained
     assert SECRET not in proc.stdout + proc.stderr

@@ -17,7 +17,7 @@ from chattune.cli import COMMANDS, build_parser
 PACKAGE = Path(chattune.__file__).parent
 # lowest first; packages on one line are siblings and may not import each other
 LAYERS = [
-    {"errors", "outputs"},
+    {"errors", "outputs", "verbosity"},
     {"config"},
     {"data", "demo"},
     {"model"},

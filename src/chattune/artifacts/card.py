@@ -4,11 +4,10 @@ data set that is not a hub id is named by its last path part only."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from chattune.artifacts.render import fmt_number, metric_rows, render
+from chattune.artifacts.render import fmt_number, metric_rows, read_json, render
 from chattune.config import read_saved
 from chattune.outputs import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REPORT_FILE, RESULTS_FILE, TASK_SCORE_FILE
 
@@ -51,15 +50,41 @@ def _hyperparameters(t: dict, d: dict, results: dict, base) -> list[tuple[str, o
     return [(k, v) for k, v in rows if v is not None]
 
 
-def build_card(model_dir: Path, repo_id: str) -> str:
+def local_path(name) -> bool:
+    """Whether a model name is a path on this machine (chattune makes a local base absolute in an adapter's
+    config, so that the adapter finds it from anywhere) rather than a hub id."""
+    return isinstance(name, str) and bool(_LOCAL.search(name))
+
+
+def adapter_base(model_dir: Path) -> str | None:
+    """The base model an adapter directory names in adapter_config.json (None for a full model)."""
+    if (model_dir / MODEL_CONFIG_FILE).is_file() or not (model_dir / ADAPTER_CONFIG_FILE).is_file():
+        return None
+    return read_json(model_dir / ADAPTER_CONFIG_FILE).get("base_model_name_or_path")
+
+
+def report_samples(text: str) -> tuple[int, str]:
+    """(number of sample exchanges in a run report, where they come from: 'held-out' or 'training')."""
+    if "## Sample exchanges" not in text:
+        return 0, ""
+    section = text.split("## Sample exchanges", 1)[1].split("\n## ", 1)[0]
+    return section.count("**Sample "), "held-out" if "held-out conversations" in section else "training"
+
+
+def build_card(model_dir: Path, repo_id: str, samples: bool = True) -> str:
+    """The model card; `samples` False says the report was uploaded without its sample exchanges."""
     from huggingface_hub import ModelCard, ModelCardData
 
     cfg = read_saved(model_dir)
-    results = json.loads((model_dir / RESULTS_FILE).read_text()) if (model_dir / RESULTS_FILE).is_file() else {}
+    results = read_json(model_dir / RESULTS_FILE)
     m, d, t = cfg.get("model") or {}, cfg.get("data") or {}, cfg.get("train") or {}
     base, sources = m.get("name"), training_sources(d)
-    hub_sets = [h for h in dict.fromkeys(hub_id(name) for name, _ in sources) if h]
     adapter = (model_dir / ADAPTER_CONFIG_FILE).is_file() and not (model_dir / MODEL_CONFIG_FILE).is_file()
+    from_adapter = adapter_base(model_dir) if adapter else None
+    if local_path(from_adapter) or (from_adapter and not base):
+        base = from_adapter  # what the adapter was trained on: a local directory stays local in the card
+    local_base = adapter and not hub_id(base)  # the adapter cannot find its base on the hub by itself
+    hub_sets = [h for h in dict.fromkeys(hub_id(name) for name, _ in sources) if h]
     meta = ModelCardData(library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
                          base_model=hub_id(base), datasets=hub_sets or None,
                          tags=["chattune", "trl", "sft", "conversational"] + (["lora"] if adapter else []))
@@ -67,12 +92,16 @@ def build_card(model_dir: Path, repo_id: str) -> str:
             "a mix of " + ", ".join(f"{_describe(n, 'dataset')} (split `{sp}`)" for n, sp in sources)
             if sources else "unknown")
     final, before = results.get("eval") or {}, results.get("baseline") or {}
-    task = json.loads((model_dir / TASK_SCORE_FILE).read_text()) if (model_dir / TASK_SCORE_FILE).is_file() else {}
+    task = read_json(model_dir / TASK_SCORE_FILE)
+    report = model_dir / REPORT_FILE
+    n_samples, samples_from = report_samples(report.read_text(encoding="utf-8", errors="replace")) \
+        if report.is_file() else (0, "")
     body = render("model_card.md.jinja", name=repo_id.split("/")[-1], base=_describe(base), data=data,
                   sources=sources, eval_split=d.get("eval_split"),
                   data_stats=[(k, s) for k, s in (results.get("data") or {}).items() if s],
                   max_length=results.get("max_length"), hyperparameters=_hyperparameters(t, d, results, base) if t
                   else [], metrics=metric_rows(final, before), has_baseline=bool(before),
                   task=task if {"metric", "before", "after"} <= set(task) else None,
-                  has_report=(model_dir / REPORT_FILE).is_file(), repo_id=repo_id)
+                  has_report=report.is_file(), repo_id=repo_id, adapter=adapter, local_base=local_base,
+                  n_samples=n_samples, samples_from=samples_from, samples_uploaded=samples)
     return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + body))

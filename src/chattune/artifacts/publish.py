@@ -3,19 +3,23 @@ the card added, no secret inside) and the upload itself, for `chattune push`.
 
 Only the files a user of the model needs are uploaded (an allow-list: weights, configs, tokenizer
 and template, chattune's config, metrics and report), never checkpoints, optimizer state, the
-quickstart's base-model/ and data/, logs or rejected rows. The token is whatever huggingface_hub finds
-(HF_TOKEN, or the login saved by `hf auth login`); chattune never takes it as an argument, never
-prints it, and refuses to upload a file that contains it.
+quickstart's base-model/ and data/, logs or rejected rows. Only regular files inside the model
+directory are read: a link that leads out of it is refused. The token is whatever huggingface_hub finds
+(HF_TOKEN, or the login saved by `hf auth login`); chattune never takes it as an argument, never prints
+it, and refuses to upload anything that contains it or a string shaped like a hub token, checking every
+file (safetensors: its JSON header) and the generated card before anything is written.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
-from chattune.artifacts.card import build_card, hub_id, training_sources
+from chattune.artifacts.card import build_card, hub_id, local_path, report_samples, training_sources
 from chattune.config import read_saved
 from chattune.errors import ChattuneError
 from chattune.outputs import ADAPTER_CONFIG_FILE, CONFIG_FILE, MODEL_CONFIG_FILE, REPORT_FILE, RESULTS_FILE
@@ -26,31 +30,58 @@ UPLOAD_PATTERNS = (
     "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "adapter_config.json",
     "chattune.yaml", "results.json", "metrics.jsonl", "report.md", "plots/*.png",
 )
-TOKEN_LIKE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
+# hub tokens are hf_ and 34 letters and digits today; 20 or more catches them without relying on that length
+TOKEN_LIKE = re.compile(rb"hf_[A-Za-z0-9]{20,}")
+MAX_HEADER = 100 << 20  # a safetensors JSON header larger than this is not a real one
 
 
 def upload_files(model_dir: Path) -> list[Path]:
-    """The files to upload, relative to model_dir."""
+    """The files to upload, relative to model_dir: regular files of the allow-list, none reached through a
+    link that leads out of the model directory (a vocab.json linked to a secret would upload the secret)."""
     if not (model_dir / MODEL_CONFIG_FILE).is_file() and not (model_dir / ADAPTER_CONFIG_FILE).is_file():
         raise ChattuneError(f"{model_dir} is not a model directory: it has no config.json")
     if not any(model_dir.glob("*.safetensors")):
         raise ChattuneError(f"{model_dir} has no .safetensors weights to upload")
     files = sorted({p.relative_to(model_dir) for pattern in UPLOAD_PATTERNS for p in model_dir.glob(pattern)
                     if p.is_file()})
+    root = model_dir.resolve()
+    for rel in files:
+        target = (model_dir / rel).resolve()
+        if not target.is_relative_to(root):
+            raise ChattuneError(f"refusing to upload: {rel} is a link to {target}, outside {model_dir}; copy the "
+                                "file into the model directory if it belongs to the model")
     return files
 
 
-def _check_no_secret(folder: Path, token: str | None) -> None:
-    """Refuse to upload a file holding the token (or anything shaped like a hub token)."""
-    for path in folder.rglob("*"):
-        if not path.is_file():
-            continue
-        if path.suffix == ".safetensors":
-            continue  # weights are numbers; a token cannot hide in them by accident
-        blob = path.read_bytes()
+def _safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file (tensor names, shapes and the free-form __metadata__), where text
+    such as a token can hide; the tensor bytes after it are numbers and are not read."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < size <= min(MAX_HEADER, path.stat().st_size - 8):
+            raise ChattuneError(f"refusing to upload: {path.name} is not a valid safetensors file (its header "
+                                "length is wrong); save the weights again")
+        return f.read(size)
+
+
+def _check_no_secret(model_dir: Path, files: list[Path], texts: dict[str, str], token: str | None) -> None:
+    """Refuse the upload when a file or a generated text holds the token or anything shaped like a hub token.
+    Runs before anything is staged, on what would be uploaded: rewritten texts as rewritten."""
+    def blobs():
+        for rel in files:
+            name = str(rel)
+            if name in texts:
+                continue
+            yield name, _safetensors_header(model_dir / rel) if rel.suffix == ".safetensors" else \
+                (model_dir / rel).read_bytes()
+        for name, text in texts.items():
+            yield name, text.encode()
+
+    for name, blob in blobs():
         if (token and token.encode() in blob) or TOKEN_LIKE.search(blob):
-            raise ChattuneError(f"refusing to upload: {path.relative_to(folder)} contains a Hugging Face token "
-                                "(or something shaped like one); remove it from the file and retry")
+            raise ChattuneError(f"refusing to upload: {name} contains a Hugging Face token (or something shaped like "
+                                "one, hf_ and 20 or more letters or digits); remove it from the file and retry")
 
 
 def _path_replacements(model_dir: Path) -> list[tuple[str, str]]:
@@ -73,25 +104,82 @@ def _path_replacements(model_dir: Path) -> list[tuple[str, str]]:
 
 
 SCRUBBED = (CONFIG_FILE, RESULTS_FILE, REPORT_FILE)
+SAMPLES_LEFT_OUT = ("_The sample exchanges were left out of this copy of the report (`chattune push --no-samples`): "
+                    "they quote the data verbatim._\n\n")
 
 
-def stage(model_dir: Path, dest: Path, repo_id: str, token: str | None = None) -> list[str]:
-    """Write the exact folder that is uploaded: the allowed files and README.md (the card)."""
-    files = upload_files(model_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    for rel in files:
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(model_dir / rel, dest / rel)
+def strip_samples(report: str) -> str:
+    """The run report without its sample exchanges (the section up to the next heading)."""
+    return re.sub(r"## Sample exchanges\n.*?(?=^## )", lambda m: SAMPLES_LEFT_OUT, report, count=1,
+                  flags=re.DOTALL | re.MULTILINE)
+
+
+def _adapter_config(text: str) -> str:
+    """adapter_config.json as the hub should see it: a base model that was a local directory is named by its
+    last part (the card says it must be supplied); a hub id stays as it is."""
+    config = json.loads(text)
+    base = config.get("base_model_name_or_path")
+    if local_path(base):
+        config["base_model_name_or_path"] = Path(base).name
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _rewritten(model_dir: Path, files: list[Path], samples: bool) -> dict[str, str]:
+    """The uploaded files whose text chattune rewrites: local paths cut to their last part, an adapter's base
+    named as the hub knows it, the report without its samples when asked."""
     replacements = _path_replacements(model_dir)
-    for name in SCRUBBED:
-        if (dest / name).is_file():
-            text = (dest / name).read_text()
-            for local, short in replacements:
-                text = text.replace(local, short)
-            (dest / name).write_text(text)
-    (dest / "README.md").write_text(build_card(model_dir, repo_id))
-    _check_no_secret(dest, token)
+    out = {}
+    for rel in files:
+        name = str(rel)
+        if name not in (*SCRUBBED, ADAPTER_CONFIG_FILE):
+            continue
+        text = (model_dir / rel).read_text(encoding="utf-8", errors="replace")
+        if name == ADAPTER_CONFIG_FILE:
+            try:
+                text = _adapter_config(text)
+            except (ValueError, AttributeError):
+                raise ChattuneError(f"{model_dir / name} is not readable JSON; save the adapter again") from None
+        if name == REPORT_FILE and not samples:
+            text = strip_samples(text)
+        for local, short in replacements:
+            text = text.replace(local, short)
+        out[name] = text
+    return out
+
+
+def stage(model_dir: Path, dest: Path, repo_id: str, token: str | None = None, samples: bool = True) -> list[str]:
+    """Write the exact folder that is uploaded: the allowed files, rewritten where needed, and README.md (the
+    card). Everything is checked first; nothing is left in dest when writing fails."""
+    files = upload_files(model_dir)
+    texts = _rewritten(model_dir, files, samples)
+    texts["README.md"] = build_card(model_dir, repo_id, samples=samples)
+    _check_no_secret(model_dir, files, texts, token)
+    created = not dest.exists()
+    written: list[Path] = []
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for rel in files:
+            if str(rel) not in texts:
+                written.append(dest / rel)
+                written[-1].parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(model_dir / rel, written[-1])  # the content: a link inside the dir becomes a file
+        for name, text in texts.items():
+            written.append(dest / name)
+            written[-1].write_text(text)
+    except BaseException:
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        else:
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
     return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+
+
+def samples_in_report(model_dir: Path) -> tuple[int, str]:
+    """(number of conversations the run report quotes verbatim, 'held-out' or 'training')."""
+    report = model_dir / REPORT_FILE
+    return report_samples(report.read_text(encoding="utf-8", errors="replace")) if report.is_file() else (0, "")
 
 
 def _network_error(err: Exception) -> bool:
@@ -118,19 +206,24 @@ def _hub_error(err: Exception, repo: str) -> ChattuneError:
     return ChattuneError(f"upload to {repo} failed: {first}")
 
 
-def upload(src: Path, repo: str, private: bool, token: str | None) -> dict:
-    """Create the repository if needed and upload the staged folder in one commit."""
+def upload(src: Path, repo: str, private: bool, token: str | None, samples: bool = True) -> dict:
+    """Create the repository if needed and upload the staged folder in one commit. The folder is staged (and
+    so checked: links, tokens) before any network call."""
     from huggingface_hub import HfApi
 
-    upload_files(src)  # a directory with nothing to upload fails before any network call
     api = HfApi()
-    try:
-        url = api.create_repo(repo, private=private or None, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="chattune-push-") as tmp:
-            files = stage(src, Path(tmp), url.repo_id, token)
-            api.upload_folder(repo_id=url.repo_id, folder_path=tmp, commit_message="Upload model trained with chattune")
-    except ChattuneError:
-        raise
-    except Exception as e:
-        raise _hub_error(e, repo) from e
+    with tempfile.TemporaryDirectory(prefix="chattune-push-") as tmp:
+        folder = Path(tmp) / "upload"
+        files = stage(src, folder, repo, token, samples)
+        try:
+            url = api.create_repo(repo, private=private or None, exist_ok=True)
+            if url.repo_id != repo:  # NAME became OWNER/NAME: the card's code names the full id
+                shutil.rmtree(folder)
+                files = stage(src, folder, url.repo_id, token, samples)
+            api.upload_folder(repo_id=url.repo_id, folder_path=str(folder),
+                              commit_message="Upload model trained with chattune")
+        except ChattuneError:
+            raise
+        except Exception as e:
+            raise _hub_error(e, repo) from e
     return {"url": str(url), "files": files}

@@ -4,9 +4,13 @@ prose. Shared by the run report and the model card."""
 from __future__ import annotations
 
 import html
+import json
 import re
 from functools import cache
 from importlib import resources
+from pathlib import Path
+
+from chattune.errors import ChattuneError
 
 
 def cell(text, limit: int = 400) -> str:
@@ -52,3 +56,20 @@ def _template(name: str):
 
 def render(template: str, **values) -> str:
     return _template(template).render(**values)
+
+
+def read_json(path: Path) -> dict:
+    """A run's JSON file (results.json, eval.json) for the report and the card: {} when absent; one clear line
+    (ChattuneError) when it is truncated or is not a JSON object, never a JSONDecodeError."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno} column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ChattuneError(f"{path} is not readable JSON{where}: it was cut short or damaged; restore it, or "
+                            "delete it to go without the metrics it holds") from None
+    if not isinstance(data, dict):
+        raise ChattuneError(f"{path} is not readable JSON: it holds a {type(data).__name__}, not an object; restore "
+                            "it, or delete it to go without the metrics it holds")
+    return data

@@ -3,7 +3,8 @@
 It opens with loss curves (PNG, drawn with matplotlib from metrics.jsonl), then the final metrics
 (before/after when the base model was scored on the same held-out tokens), sample exchanges, data
 statistics and the resolved config; the prose is templates/report.md.jinja. Written at the end of every
-`chattune train`; a failure here is logged and never costs the trained model.
+`chattune train`, after the model is saved: a failure here never costs the trained model, and is raised as
+ReportError (one line, exit code 3) so that the run does not look complete.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import json
 import logging
 from pathlib import Path
 
-from chattune.artifacts.render import metric_rows, render
+from chattune.artifacts.render import metric_rows, read_json, render
 from chattune.data.loading import sample_prompts
 from chattune.data.mixture import sources
+from chattune.errors import ChattuneError, ReportError
 from chattune.evaluation.compare import score_baseline
 from chattune.inference.generate import generate_replies
 from chattune.model.load import load_chat_model, pick_device
 from chattune.outputs import CONFIG_FILE, METRICS_FILE, PLOTS_DIR, REJECTED_FILE, REPORT_FILE, RESULTS_FILE
+from chattune.training.early_stop import describe as describe_stopping
 
 log = logging.getLogger("chattune")
 N_SAMPLES = 3
@@ -102,11 +105,12 @@ def evaluate_baseline(cfg, tokenizer, eval_split, eval_rows, prompts, budget: in
 
 def _samples(out: Path, prompts, base_replies, budget: int) -> list[dict]:
     model, tok = load_chat_model(str(out))
-    replies = generate_replies(model, tok, [p for p, _ in prompts], budget)
+    # a held-out conversation longer than the context is cut from the left: the reply needs room
+    replies = generate_replies(model, tok, [p for p, _ in prompts], budget, fit="left")
     del model
     gc.collect()
     return [{"role": prompt[-1]["role"], "prompt": prompt[-1]["content"], "reference": ref, "reply": r["reply"],
-             "earlier": len(prompt) - 1, "base_reply": base_replies[i] if base_replies else None}
+             "earlier": len(prompt) - 1, "cut": r["cut"], "base_reply": base_replies[i] if base_replies else None}
             for i, ((prompt, ref), r) in enumerate(zip(prompts, replies))]
 
 
@@ -119,19 +123,25 @@ def _data_rows(results: dict, train_split, eval_split) -> list[dict]:
     return rows
 
 
-def write_run_report(cfg, out, tokenizer=None, train_split=None, eval_split=None, eval_rows=None) -> Path | None:
-    """Write OUTPUT/report.md; logs and returns None instead of failing the finished run."""
+def write_run_report(cfg, out, tokenizer=None, train_split=None, eval_split=None, eval_rows=None) -> Path:
+    """Write OUTPUT/report.md. Called once the model is saved; a report that cannot be written raises
+    ReportError naming the problem, so the run's exit code says so (the model stays complete)."""
     out = Path(out)
     try:
         return _write(cfg, out, tokenizer, train_split, eval_split, eval_rows)
-    except Exception as e:  # the model is saved already: a report problem must not fail the run
-        log.warning(f"the run report could not be written: {type(e).__name__}: {e}")
-        return None
+    except Exception as e:  # any failure: the model is fine, the report is not, and the user must know
+        first = str(e).splitlines()[0] if str(e).strip() else ""
+        raise ReportError(f"the model is saved in {out}, but its report ({out / REPORT_FILE}) could not be written: "
+                          f"{type(e).__name__}: {first}") from e
 
 
 def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Path:
     results_path = out / RESULTS_FILE
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    try:
+        results, results_ok = read_json(results_path), True
+    except ChattuneError as e:  # the report still shows curves, samples and config; results.json is left as found
+        log.warning(f"{e}; the report leaves out the final metrics")
+        results, results_ok = {}, False
     source = eval_split if eval_split is not None else train_split
     prompts = []
     if source is not None and source.format != "text":
@@ -143,7 +153,8 @@ def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Pat
         try:
             baseline = evaluate_baseline(cfg, tokenizer, eval_split, eval_rows, prompts, budget)
             results["baseline"] = {k: v for k, v in baseline.items() if k != "sample_replies"}
-            results_path.write_text(json.dumps(results, indent=2, default=str))
+            if results_ok:
+                results_path.write_text(json.dumps(results, indent=2, default=str))
             log.info(f"base model on the same evaluation tokens: loss {baseline['eval_loss']:.4f}")
         except Exception as e:
             log.warning(f"the base model could not be scored for the report: {e}")
@@ -160,6 +171,7 @@ def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Pat
         data=", ".join(f"`{s.dataset}` (split `{s.split}`)" for s in sources(cfg.data)),
         steps=train[-1]["step"] if train else "?", device=results.get("device", "?"),
         precision=results.get("precision", "?"), final=final, baseline=baseline,
+        stopping=describe_stopping(results.get("stopping")),
         metrics=metric_rows(final, baseline, extra),
         samples=_samples(out, prompts, baseline["sample_replies"] if baseline else None, budget) if prompts else [],
         samples_from="held-out" if eval_split is not None else "training (this run has no evaluation split)",

@@ -12,6 +12,7 @@ import sys
 from chattune.commands import default
 from chattune.commands.generate import add_model_argument, check_generation_settings
 from chattune.errors import ChattuneError
+from chattune.verbosity import quiet
 
 COMMANDS_HELP = """commands:
   /reset          start a new conversation (the system prompt stays)
@@ -189,6 +190,7 @@ def piped(session, lines, out=None) -> None:
             break
 
 
+@quiet
 def run_chat(model_path: str, message: str | None = None, system: str | None = None, max_new_tokens: int = 256,
              temperature: float = 0.7, top_p: float = 0.9, greedy: bool = False, seed: int | None = None,
              device: str | None = None, stdin=None, out=None, tools: str | list | None = None) -> int:

@@ -8,6 +8,7 @@ import json
 
 from chattune.commands import add_config_arguments, config_from_args
 from chattune.errors import ChattuneError
+from chattune.verbosity import quiet_libraries
 
 
 def add_arguments(p) -> None:
@@ -33,14 +34,21 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    if args.data_command == "validate":
-        from chattune.data.inspect import format_validate, validate_data
-
-        r = validate_data(cfg)
-        print(json.dumps(r, indent=2, ensure_ascii=False) if args.json else format_validate(r))
-        return 0 if r["ok"] else 2
-    if args.sample < 0:
+    if args.data_command != "validate" and args.sample < 0:
         raise ChattuneError("--sample must be 0 (all rows) or more")
+    with quiet_libraries():
+        return validate(cfg, args) if args.data_command == "validate" else inspect(cfg, args)
+
+
+def validate(cfg, args) -> int:
+    from chattune.data.inspect import format_validate, validate_data
+
+    r = validate_data(cfg)
+    print(json.dumps(r, indent=2, ensure_ascii=False) if args.json else format_validate(r))
+    return 0 if r["ok"] else 2
+
+
+def inspect(cfg, args) -> int:
     from chattune.data.inspect import format_inspect, inspect_data
     from chattune.model.hub import load_config
     from chattune.model.load import context_length, load_for_training, resolve_max_length

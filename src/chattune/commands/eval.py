@@ -10,6 +10,7 @@ from chattune.commands import default
 from chattune.commands.generate import add_model_argument
 from chattune.config import FORMATS, Config, apply_values, read_saved
 from chattune.errors import ChattuneError
+from chattune.verbosity import quiet
 
 
 def add_arguments(p) -> None:
@@ -76,6 +77,7 @@ def eval_data(model_path, dataset, split, config_name, fmt, max_samples):
     return load_conversations(dataset, split, max_samples=max_samples, **kw)
 
 
+@quiet
 def run_eval(model_path: str, dataset: str | None = None, split: str | None = None, config_name: str | None = None,
              fmt: str | None = None, max_samples: int | None = None, max_length: int | None = None,
              batch_size: int = 8, baseline: str | None = None, samples: int = 0, sample_tokens: int = 64,
@@ -122,8 +124,9 @@ def run_eval(model_path: str, dataset: str | None = None, split: str | None = No
     prompts = (sample_prompts(data.dataset.select(range(min(samples, len(data.dataset))))["messages"], samples)
                if samples and kind == "messages" else [])
     if prompts:
-        replies = generate_replies(model, tokenizer, [p for p, _ in prompts], sample_tokens)
-        result["samples"] = [{"messages": p, "reference": ref, "reply": r["reply"]}
+        # a held-out conversation longer than the context is cut from the left (the reply needs room)
+        replies = generate_replies(model, tokenizer, [p for p, _ in prompts], sample_tokens, fit="left")
+        result["samples"] = [{"messages": p, "reference": ref, "reply": r["reply"], "cut": r["cut"]}
                              for (p, ref), r in zip(prompts, replies)]
     if baseline:
         del model
@@ -181,6 +184,8 @@ def format_report(r: dict) -> str:
         earlier = len(s["messages"]) - 1
         lines.append(f"  {s['messages'][-1]['role'] + ':':<11}{_one_line(s['messages'][-1]['content'])}"
                      + (f"   (+{earlier} earlier messages)" if earlier else ""))
+        if s.get("cut"):
+            lines.append(f"  {'':<11}(cut to fit the context: {s['cut']})")
         lines.append(f"  {'reference:':<11}{_one_line(s['reference'])}")
         lines.append(f"  {'model:':<11}{_one_line(s['reply'])}")
         if "baseline_reply" in s:

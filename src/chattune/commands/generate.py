@@ -8,6 +8,7 @@ from pathlib import Path
 
 from chattune.commands import default
 from chattune.errors import ChattuneError
+from chattune.verbosity import quiet
 
 
 def add_model_argument(p) -> None:
@@ -104,6 +105,7 @@ def read_prompts(path: str | Path, system: str | None = None) -> list[tuple[dict
     return rows
 
 
+@quiet
 def run_generate(model_path: str, input_path: str, output_path: str, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
                  system: str | None = None, device: str | None = None) -> dict:

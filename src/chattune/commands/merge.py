@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from chattune.verbosity import quiet
+
 
 def add_arguments(p) -> None:
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="the output directory of a --lora or --qlora run")
@@ -9,6 +11,7 @@ def add_arguments(p) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="run modelling code shipped with the base model")
 
 
+@quiet
 def run(args) -> int:
     from chattune.model.adapters import merge_adapter
 

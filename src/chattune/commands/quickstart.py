@@ -19,19 +19,19 @@ from chattune.config import Config, validate
 from chattune.demo import addition, assets
 from chattune.errors import ChattuneError
 from chattune.outputs import QUICKSTART_MARKER, TASK_SCORE_FILE
+from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
 METRIC = "addition_exact_match"
 # fits the 5-minute bound on 2 cores with room for a slower host; the score still climbs after it
 DEFAULT_STEPS = 900
-TOOLS_STEPS = 400  # --task tools: longer rows (the tool definitions), an easier skill (copying numbers)
 
 
 
 def add_arguments(p) -> None:
     p.add_argument("--output-dir", default="quickstart-out", help="where to build and train (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help=f"optimizer steps (default: {DEFAULT_STEPS}; {TOOLS_STEPS} for --task tools)")
+                   help=f"optimizer steps (default: {DEFAULT_STEPS}; 400 for --task tools)")
     p.add_argument("--task", choices=("addition", "tools"), default="addition",
                    help="addition: answer sums (default); tools: call an add(a, b) tool with the right arguments and "
                         "answer with its result")
@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     if args.task == "tools":
-        from chattune.commands.quickstart_tools import print_result, run_tool_quickstart
+        from chattune.commands.quickstart_tools import print_result
 
         print_result(run_tool_quickstart(args.output_dir, max_steps=args.max_steps), args.output_dir)
         return 0
@@ -92,6 +92,7 @@ def prepare_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+@quiet
 def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200) -> dict:
     import torch
 
@@ -130,5 +131,32 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
         "sample": samples[0], "description": "share of held-out two-digit sums (operand pairs never seen in "
                                              "training) answered exactly, greedy decoding",
     }
+    (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | None = None, n_eval: int = 200) -> dict:
+    """`--task tools`: build the add(a, b) tool task and a base model, score held-out call accuracy, train, score
+    again (commands/quickstart_tools.py holds the task's parts)."""
+    import torch
+
+    from chattune.commands import quickstart_tools as task
+    from chattune.commands.train import run_train
+    from chattune.model.hub import load_tokenizer
+    from chattune.model.load import load_model, load_prepared_base
+
+    started = time.perf_counter()
+    out = Path(output_dir)
+    prepare_dir(out)
+    (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart --task tools"}))
+    held_out = task.build_assets(out, n_eval)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = task.tool_config(out, max_steps)
+    base, base_tok, _ = load_prepared_base(str(out / "base-model"), cfg.train.seed)
+    before = task.score(base, base_tok, held_out, n_eval)
+    log.info(f"before training: {task.METRIC} = {before['call_accuracy']:.1%}")
+    result = run_train(cfg)
+    after = task.score(load_model(str(out)), load_tokenizer(str(out)), held_out, n_eval)
+    report = task.report(before, after, result, cfg.train.max_steps, time.perf_counter() - started)
     (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
     return report

@@ -1,4 +1,5 @@
-"""`chattune quickstart --task tools`: tool calling, offline on a CPU in a few minutes.
+"""`chattune quickstart --task tools` (run by quickstart.run_tool_quickstart): tool calling, offline on a CPU in a
+few minutes.
 
 It builds a small GPT-2 and a data set in OpenAI's tool-calling format (a calculator tool `add(a, b)`; the user
 asks sums in varied phrasings, the assistant calls `add`, the tool returns the sum, the assistant answers with
@@ -9,19 +10,17 @@ and the final answers' exact match, before and after training.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from pathlib import Path
 
-from chattune.commands.quickstart import TOOLS_STEPS, prepare_dir
 from chattune.config import Config, validate
 from chattune.demo import assets, tools
-from chattune.outputs import QUICKSTART_MARKER, TASK_SCORE_FILE
+from chattune.outputs import TASK_SCORE_FILE
 
 log = logging.getLogger("chattune")
 METRIC = "tool_call_accuracy"
+STEPS = 400  # longer rows than the addition task (the tool definitions), an easier skill (copying numbers)
 MAX_LENGTH = 384  # the longest test conversation is ~320 tokens with the demo tokenizer
 
 
@@ -34,33 +33,25 @@ def tool_config(out: Path, max_steps: int | None = None) -> Config:
     t = cfg.train
     t.output_dir = str(out)
     t.batch_size, t.grad_accum, t.lr, t.warmup, t.weight_decay = 16, 1, 3e-3, 0.05, 0.01
-    t.max_steps = max_steps or TOOLS_STEPS
+    t.max_steps = max_steps or STEPS
     t.group_by_length = False
     t.lr_scheduler, t.logging_steps, t.eval_steps, t.save_steps, t.save_total_limit = "cosine", 25, 200, 400, 1
     return validate(cfg)
 
 
-def _score(model, tokenizer, held_out, n: int) -> dict:
+def score(model, tokenizer, held_out, n: int) -> dict:
     from chattune.evaluation.toolcalls import score_tool_calls
 
     return score_tool_calls(model.eval(), tokenizer, held_out, max_turns=n, batch_size=50)
 
 
-def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | None = None, n_eval: int = 200) -> dict:
-    import torch
-
-    from chattune.commands.train import run_train
+def build_assets(out: Path, n_eval: int):
+    """The data set and the base model in OUT; returns the held-out split as canonical conversations."""
     from chattune.data.formats import from_messages
     from chattune.data.loading import load_conversations
     from chattune.data.template import render_chatml
     from chattune.data.tools import normalize_tools
-    from chattune.model.hub import load_tokenizer
-    from chattune.model.load import load_model, load_prepared_base
 
-    started = time.perf_counter()
-    out = Path(output_dir)
-    prepare_dir(out)
-    (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart --task tools"}))
     splits = tools.tool_splits(n_test=n_eval)
     assets.write_hub_layout(splits, out / "data", title="Calling an add(a, b) tool",
                             note="rows follow OpenAI's chat fine-tuning format with tools")
@@ -72,29 +63,21 @@ def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | N
                             n_positions=512)
     log.info(f"built {out / 'base-model'} (2-layer GPT-2, random init) and {out / 'data'} "
              f"({len(splits['train'])} train / {len(splits['test'])} held-out conversations)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    held_out = load_conversations(str(out / "data"), "test").dataset
-    cfg = tool_config(out, max_steps)
-    base, base_tok, _ = load_prepared_base(str(out / "base-model"), cfg.train.seed)
-    before = _score(base, base_tok, held_out, n_eval)
-    log.info(f"before training: {METRIC} = {before['call_accuracy']:.1%}")
+    return load_conversations(str(out / "data"), "test").dataset
 
-    result = run_train(cfg)
 
-    after = _score(load_model(str(out)), load_tokenizer(str(out)), held_out, n_eval)
-    report = {
+def report(before: dict, after: dict, result: dict, steps: int, seconds: float) -> dict:
+    return {
         "metric": METRIC, "before": before["call_accuracy"], "after": after["call_accuracy"], "n": after["call_turns"],
         "answer_exact_match_before": before.get("answer_exact_match"),
         "answer_exact_match_after": after.get("answer_exact_match"), "answer_turns": after["answer_turns"],
         "parsed_rate_after": after["parsed_rate"], "invalid_calls_after": after["invalid_calls"],
-        "eval_loss_after": result["eval"].get("eval_loss"), "steps": cfg.train.max_steps,
-        "seconds": round(time.perf_counter() - started, 1), "sample": after["call_examples"][0],
+        "eval_loss_after": result["eval"].get("eval_loss"), "steps": steps, "seconds": round(seconds, 1),
+        "sample": after["call_examples"][0],
         "description": "share of held-out call turns (operand pairs never seen in training) where the reply calls "
                        "add with exactly the expected arguments, greedy decoding; answers scored by exact match "
                        "after the reference call and tool result",
     }
-    (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
-    return report
 
 
 def print_result(r: dict, output_dir: str) -> None:

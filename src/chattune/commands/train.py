@@ -15,6 +15,7 @@ from pathlib import Path
 
 from chattune.commands import add_config_arguments, config_from_args
 from chattune.config import Config, validate
+from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
 
@@ -29,6 +30,7 @@ def run(args) -> int:
     return 0
 
 
+@quiet
 def run_train(cfg: Config) -> dict:
     """Fine-tune as `cfg` says; returns the output directory and the final metrics."""
     from chattune.training import steps
@@ -36,6 +38,7 @@ def run_train(cfg: Config) -> dict:
 
     cfg = validate(cfg)
     steps.check_model_kind(cfg)
+    steps.check_tracking_and_stopping(cfg)
     with steps.run_directory(cfg) as (state, resume):
         out = Path(cfg.train.output_dir)
         tokenizer, setup, data = prepare_data(cfg, out, state)
@@ -76,7 +79,7 @@ def prepare_data(cfg: Config, out: Path, state):
 def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precision: str, out: Path):
     from chattune.data.collate import PadCollator
     from chattune.model.memory import estimate, report
-    from chattune.training import steps
+    from chattune.training import early_stop, steps
     from chattune.training.callbacks import MetricsLogger
     from chattune.training.trainer import ChattuneTrainer
 
@@ -84,7 +87,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precis
     trainer = ChattuneTrainer(
         model=model, args=args, train_dataset=data.train_rows, eval_dataset=data.eval_rows, processing_class=tokenizer,
         data_collator=PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None),
-        callbacks=[MetricsLogger(out), control],
+        callbacks=[MetricsLogger(out), control, *early_stop.callbacks(cfg)],
     )
     report(estimate(trainer.model, cfg.train.batch_size, cfg.data.max_length, precision,
                     cfg.train.gradient_checkpointing, device, selective_head=trainer.selective))
@@ -96,10 +99,12 @@ def finish(cfg: Config, trainer, tokenizer, data, result, out: Path, device: str
     from chattune.artifacts.report import write_run_report
     from chattune.training import steps
 
-    final = trainer.evaluate() if data.eval_rows is not None else {}
+    final, stopping = steps.final_evaluation(cfg, trainer, data.eval_rows is not None)
     results = {"train": result.metrics, "eval": final, "max_length": cfg.data.max_length,
                "data": {"train": vars(data.train_stats), "eval": vars(data.eval_stats) if data.eval_stats else None},
                "device": device, "precision": precision}
+    if stopping:
+        results["stopping"] = stopping
     steps.save(cfg, trainer, tokenizer, out, results)
     if trainer.is_world_process_zero():
         write_run_report(cfg, out, tokenizer, data.train_split, data.eval_split, data.eval_rows)

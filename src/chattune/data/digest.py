@@ -33,3 +33,16 @@ def tokenizer_digest(tokenizer) -> str:
     h.update(definition.encode())
     h.update(json.dumps([tokenizer.chat_template, tokenizer.special_tokens_map], sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def file_digest(path, block: int = 1 << 23) -> str:
+    """xxh3-128 of a file's bytes, read 8 MiB at a time. It checks that cached rows are the bytes that were
+    written, not that nobody forged them; xxhash comes with datasets and hashes at memory speed, where
+    sha256 would add seconds per GB to every cache hit (bench/cache_checksum.py measures both)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()

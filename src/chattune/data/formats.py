@@ -86,6 +86,8 @@ def _listish(value, name: str, shape: str) -> list:
             value = json.loads(value)
         except ValueError:
             raise RowError("malformed row", f"'{name}' is a string that is not valid JSON") from None
+        except RecursionError:
+            raise RowError("nested too deeply", f"'{name}' holds JSON nested too deeply to read") from None
     if value is None:
         raise RowError("empty conversation", f"'{name}' is null")
     if not isinstance(value, list):
@@ -161,8 +163,10 @@ def from_alpaca(row: dict, c: dict) -> list[dict]:
         out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     instruction = row.get(c.get("instruction", "instruction"))
     extra = row.get(c.get("input", "input"))
-    if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
-        instruction = f"{instruction}\n\n{extra}"
+    if isinstance(instruction, str) and isinstance(extra, str) and extra:
+        # one newline, as LLaMA-Factory's alpaca converter joins them ("prompt\nquery"): the same file gives
+        # the same prompts in both tools
+        instruction = "\n".join(part for part in (instruction, extra) if part)
     out += [{"role": "user", "content": instruction},
             {"role": "assistant", "content": row.get(c.get("output", "output"))}]
     return out
@@ -198,5 +202,7 @@ def to_canonical(row: dict, fmt: str, columns: dict, strict_tools: bool = False)
         return None, Reason(e.kind, str(e))
     except KeyError as e:
         return None, Reason("malformed row", f"the row has no {e.args[0]!r} column")
+    except RecursionError:  # a value nested past Python's limit: a bad row, not a crash
+        return None, Reason("nested too deeply", "a value is nested too deeply to read")
     reason = check_messages(messages, tools, strict_tools)
     return (None, reason) if reason else ({"messages": messages, "tools": tools}, None)

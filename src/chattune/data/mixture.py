@@ -6,12 +6,14 @@ Sampling is deterministic: the same config and seed always pick the same rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
 
 from chattune.config import DatasetEntry
 from chattune.data.loading import LoadedSplit, concat_splits, holdout_split, load_conversations
+from chattune.data.sources import fresh_reads
 from chattune.errors import DataError
 
 
@@ -49,7 +51,13 @@ def _combine(parts: list, name: str):
 
 
 def load_training_data(cfg):
-    """Train and eval splits as canonical conversations, validated, before any model is loaded."""
+    """Train and eval splits as canonical conversations, validated, before any model is loaded; with
+    data.cache off (--no-cache), read without any of datasets' caches."""
+    with contextlib.nullcontext() if cfg.data.cache else fresh_reads():
+        return _load_training_data(cfg)
+
+
+def _load_training_data(cfg):
     d = cfg.data
     specs = sources(d)
     mixed = bool(d.datasets)

@@ -6,10 +6,15 @@ rows: the data's identity (local files by path, size and modification time; hub 
 fingerprint), the data settings (formats, columns, splits, sampling, seed), the tokenizer, the chat
 template, the max length and chattune's preparation code. A second run with the same inputs
 memory-maps the saved rows and starts training without reading or tokenizing the data again.
+
+An entry is never trusted on its name alone (data/integrity.py): it is sealed with a checksum per file when
+written and verified before use, its ids must fit the tokenizer, and one that fails is prepared again.
+`--no-cache` (cfg.data.cache off) reads no cache at all, datasets' own included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chattune.data.digest import code_digest, tokenizer_digest
+from chattune.data.integrity import check_rows, remove_stale, seal, temp_prefix, verify
 from chattune.data.loading import LoadedSplit, canonical_features
 from chattune.data.mixture import load_training_data, sources
-from chattune.data.sources import kind_of, load_parts, split_files
+from chattune.data.sources import fresh_reads, kind_of, load_parts, split_files
 from chattune.data.tokenize import PrepStats, prepare_split
 from chattune.errors import DataError
 from chattune.outputs import REJECTED_FILE
@@ -96,10 +102,24 @@ def _log_splits(train_split, eval_split, n_train: int, n_eval: int | None) -> No
                     f"{undeclared[0]}); --strict-tools rejects them")
 
 
-def _load_cached(path: Path, out: Path, main: bool) -> Prepared:
+def _load_cached(path: Path, out: Path, main: bool, vocab_size: int) -> Prepared | None:
+    """The entry's rows when it verifies; None (after a log line saying why) when it must be prepared again."""
     from datasets import Dataset, load_from_disk
 
-    meta = json.loads((path / "meta.json").read_text())
+    problem = verify(path)
+    if problem is None:
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            rows = {key: load_from_disk(str(path / key)) for key in ("train", "eval") if meta.get(key) is not None}
+        except Exception as e:  # an entry that verifies but cannot be read is rebuilt, never trusted
+            problem = f"cannot be read ({type(e).__name__}: {e})"
+        else:
+            problem = next((p for p in (check_rows(r, vocab_size) for r in rows.values()) if p), None)
+    if problem is not None:
+        log.warning(f"the cached prepared data {path} {problem}; preparing the data again")
+        if main:
+            shutil.rmtree(path, ignore_errors=True)
+        return None
 
     def split(key):
         m = meta.get(key)
@@ -109,7 +129,7 @@ def _load_cached(path: Path, out: Path, main: bool) -> Prepared:
         preview = Dataset.from_list(rows, features=canonical_features(
             "text" if m["format"] == "text" else "messages", tools="tools" in rows[0])) if rows else None
         loaded = LoadedSplit(dataset=preview, format=m["format"], name=m["name"], rejected=[])
-        return loaded, load_from_disk(str(path / key)), PrepStats(**m["stats"])
+        return loaded, rows[key], PrepStats(**m["stats"])
 
     train_split, train_rows, train_stats = split("train")
     eval_split, eval_rows, eval_stats = split("eval")
@@ -128,7 +148,7 @@ def _save(path: Path, prepared: Prepared, out: Path, n_rejected: int) -> None:
     """Write the entry in a temporary directory and rename it into place, so a crash or a second run
     racing this one never leaves a half-written entry under the key."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=path.parent))  # named by pid: a later run removes it
     try:
         meta = {"created": time.time(), "rejected": n_rejected}
         for key, loaded, rows, stats in (("train", prepared.train_split, prepared.train_rows, prepared.train_stats),
@@ -143,6 +163,7 @@ def _save(path: Path, prepared: Prepared, out: Path, n_rejected: int) -> None:
         if (out / REJECTED_FILE).exists():
             shutil.copyfile(out / REJECTED_FILE, tmp / REJECTED_FILE)
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, default=str))
+        seal(tmp)
         os.rename(tmp, path)
     except OSError as e:
         log.warning(f"the prepared data could not be cached ({e}); the next run prepares it again")
@@ -159,12 +180,20 @@ def prepare_training_data(cfg, tokenizer, max_length: int | None, out: Path, mai
     if cfg.data.cache:
         key = cache_key(cfg, tokenizer, max_length)
         path = cache_root() / key
-        if (path / "meta.json").is_file():
-            try:
-                return _load_cached(path, out, main)
-            except Exception as e:  # a damaged entry is rebuilt, never trusted
-                log.warning(f"ignoring the unreadable cache entry {path} ({type(e).__name__}: {e})")
-                shutil.rmtree(path, ignore_errors=True)
+        if main:
+            for stale in remove_stale(cache_root()):
+                log.info(f"removed {stale}, left by a preparation that did not finish")
+        if path.is_dir():
+            # ids run up to the tokenizer's size; max() covers tokenizers whose added ids leave gaps
+            vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+            cached = _load_cached(path, out, main, vocab_size)
+            if cached is not None:
+                return cached
+    with contextlib.nullcontext() if cfg.data.cache else fresh_reads():
+        return _prepare(cfg, tokenizer, max_length, out, main, path)
+
+
+def _prepare(cfg, tokenizer, max_length: int | None, out: Path, main: bool, path: Path | None) -> Prepared:
     train_split, eval_split = load_training_data(cfg)
     _log_splits(train_split, eval_split, len(train_split.dataset), len(eval_split.dataset) if eval_split else None)
     n_rejected = write_rejected(out, train_split, eval_split) if main else 0

@@ -2,26 +2,46 @@
 several separated by commas, or a glob).
 
 Loading goes through `datasets`; this module decides what to ask it for, checks that each file is
-what its name says before it is read, and turns failures into messages that name the file and,
-for rows, the line (JSON Lines) or row index (JSON arrays, parquet, CSV, hub splits).
+what its name says before it is read (a text file must be UTF-8 from its first byte to its last), and
+turns failures into messages that name the file and, for rows, the line (JSON Lines) or row index
+(JSON arrays, parquet, CSV, hub splits).
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import glob
-import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from chattune.data.validate import Reason
+from chattune.data.parts import Part, read_json_rows
 from chattune.errors import DataError
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_FRESH = {"on": False}  # inside fresh_reads(): local files are read again, not taken from datasets' cache
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _GLOB = re.compile(r"[*?\[]")
+
+
+@contextlib.contextmanager
+def fresh_reads():
+    """What `--no-cache` promises: within, datasets reuses none of its caches. Local files are converted to
+    Arrow again (its cache knows a file by path and modification time only, so a same-size edit made within
+    the same second would be missed) and every map is computed again (datasets' caching switched off)."""
+    import datasets
+
+    was_caching, was_fresh = datasets.is_caching_enabled(), _FRESH["on"]
+    datasets.disable_caching()
+    _FRESH["on"] = True
+    try:
+        yield
+    finally:
+        _FRESH["on"] = was_fresh
+        if was_caching:
+            datasets.enable_caching()
 
 
 def _first_line(err: Exception) -> str:
@@ -97,113 +117,105 @@ def check_file(path: Path) -> None:
     nul = head.find(b"\x00")
     if nul >= 0:
         raise DataError(f"{path}: binary data (a NUL byte at offset {nul}), not a {path.suffix} text file")
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.start < len(head) - 4:  # not just a character cut at the end of the sample
-            raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8") from None
     if not head.strip() and size <= len(head):
         raise DataError(f"{path}: the file holds only whitespace")
 
 
-@dataclass
-class Part:
-    """One file (or one hub split) of a source, loaded by datasets (`dataset`) or, for a JSON file that
-    Arrow cannot read, parsed in Python: `rows` in file order (None for an entry that is not an
-    object), `where` each is, and `bad` {index: (Reason, raw text)} for the entries that failed."""
-
-    label: str
-    path: Path | None = None
-    dataset: object = None
-    rows: list | None = None
-    where: list | None = None
-    bad: dict = field(default_factory=dict)
-    _lines: list | None = None
-
-    @property
-    def jsonl(self) -> bool:
-        return self.path is not None and self.path.suffix.lower() == ".jsonl"
-
-    def locate(self, i: int) -> str:
-        """Where row i of this part is, for a person opening the file: 'FILE line N' or 'FILE row N'."""
-        if self.where is not None:
-            return f"{self.label} {self.where[i]}"
-        if self.jsonl or (self.path is not None and self._is_json_lines()):
-            if self._lines is None:  # rows are the non-blank lines, as Arrow's JSON reader counts them
-                with open(self.path, encoding="utf-8", errors="replace") as f:
-                    self._lines = [n for n, line in enumerate(f, 1) if line.strip()]
-            if i < len(self._lines):
-                return f"{self.label} line {self._lines[i]}"
-        return f"{self.label} row {i}"
-
-    def _is_json_lines(self) -> bool:
-        if self.path.suffix.lower() != ".json":
-            return False
-        with open(self.path, "rb") as f:
-            return not f.read(4096).lstrip().startswith(b"[")
-
-    def raw(self, i: int):
-        if self.rows is not None:
-            return self.bad[i][1] if i in self.bad else self.rows[i]
-        return self.dataset[i]
+UTF8_BLOCK = 1 << 24  # 16 MiB read at a time: the whole file is checked in bounded memory
 
 
-def read_json_rows(path: Path) -> Part:
-    """A JSON array or JSON Lines file read line by line in Python: rows that parse, and for each line
-    that does not, its number and the parser's complaint."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    part = Part(label=str(path), path=path, rows=[], where=[])
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}. A .json file holds "
-                            "one JSON array of objects (or use JSON Lines, one object per line)") from None
-        for i, item in enumerate(items):
-            _add(part, f"row {i}", item, json.dumps(item, ensure_ascii=False)[:2000])
-        return part
-    # split on newlines only: str.splitlines would also split on U+2028 inside JSON strings
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            part.bad[len(part.rows)] = (Reason("invalid JSON", f"not valid JSON: {e.msg} (column {e.colno})"),
-                                        line[:2000])
-            item = None
-        _add(part, f"line {n}", item, line[:2000])
-    return part
+def first_invalid_utf8(path: Path) -> tuple[int, int] | None:
+    """(line, byte offset) of the first bytes of a text file that are not UTF-8, or None. Arrow's JSON
+    reader does not check the encoding, so a bad byte past the first block used to surface mid-training;
+    the whole file is checked here block by block, by Arrow's UTF-8 validator (about 1 GB/s here, five
+    times Python's decoder, and no text is built); only a block that fails is decoded to find the byte."""
+    import pyarrow as pa
+
+    base, carry = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(UTF8_BLOCK)
+            data = carry + block
+            cut = _whole_characters(data) if block else len(data)
+            try:
+                pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(_span(cut)), pa.py_buffer(data)]) \
+                    .validate(full=True)
+            except pa.ArrowInvalid:
+                try:
+                    codecs.utf_8_decode(data[:cut], "strict", True)
+                except UnicodeDecodeError as e:
+                    return _line_at(path, base + e.start), base + e.start
+            if not block:
+                return None
+            base += cut
+            carry = data[cut:]
 
 
-def _add(part: Part, where: str, item, raw: str) -> None:
-    if not isinstance(item, dict) and len(part.rows) not in part.bad:
-        part.bad[len(part.rows)] = (Reason("malformed row", f"a JSON {type(item).__name__}, expected an object "
-                                                            "with the format's columns"), raw)
-    part.rows.append(item if isinstance(item, dict) else None)
-    part.where.append(where)
+def _whole_characters(data: bytes) -> int:
+    """How many leading bytes of a block hold whole characters: a character cut by the block's end waits
+    for the next block."""
+    for k in range(len(data) - 1, max(len(data) - 4, -1), -1):
+        lead = data[k]
+        if lead & 0xC0 != 0x80:  # ASCII or the first byte of a character
+            need = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+            return len(data) if k + need <= len(data) else k
+    return len(data)
+
+
+def _span(n: int) -> bytes:
+    return (0).to_bytes(4, "little") + n.to_bytes(4, "little")  # Arrow offsets: one string of n bytes
+
+
+def _line_at(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        return 1 + sum(block.count(b"\n") for block in iter(lambda: f.read(min(UTF8_BLOCK, offset - f.tell())), b""))
 
 
 def _load_file(path: Path, builder: str) -> Part:
     import datasets
 
     check_file(path)
+    bad = None if builder == "parquet" else first_invalid_utf8(path)
+    if bad is not None:
+        if builder != "json":
+            raise DataError(f"{path} line {bad[0]}: not UTF-8 text (invalid byte at offset {bad[1]}); save the file "
+                            "as UTF-8 (a CSV row that cannot be decoded cannot be skipped)")
+        return _json_rows(path)  # Arrow would read the bad bytes into strings: each entry is checked in Python
     ds_log = datasets.utils.logging.get_logger("datasets")
     level = ds_log.level
     if builder == "json":  # its reader logs the Arrow error before raising; the diagnosis below says more
         ds_log.setLevel(max(level, logging.CRITICAL))
     try:
-        ds = datasets.load_dataset(builder, data_files={"train": [str(path)]}, split="train")
+        ds = datasets.load_dataset(builder, data_files={"train": [str(path)]}, split="train",
+                                   download_mode="reuse_cache_if_exists" if _FRESH["on"] else None,
+                                   **(_csv_as_text(path) if builder == "csv" else {}))
         return Part(label=str(path), path=path, dataset=ds)
     except Exception as e:  # datasets raises many types; a JSON file is diagnosed line by line below
         if builder != "json":
             raise DataError(f"{path}: could not be read as {builder} ({_first_line(e)})") from e
     finally:
         ds_log.setLevel(level)
+    return _json_rows(path)
+
+
+def _json_rows(path: Path) -> Part:
     part = read_json_rows(path)
     if not part.rows:
         raise DataError(f"{path}: no JSON objects in the file")
     return part
+
+
+def _csv_as_text(path: Path) -> dict:
+    """load_dataset arguments that keep every CSV cell as the text it is: pandas would read a column of
+    numbers as int (then rejected as 'content is int') and the word NA as a missing value."""
+    import pandas as pd
+    from datasets import Features, Value
+
+    try:
+        names = pd.read_csv(path, nrows=0).columns  # the header as pandas names it (duplicates renamed)
+    except Exception as e:  # pandas raises many types for a malformed header
+        raise DataError(f"{path}: could not be read as csv ({_first_line(e)})") from e
+    return {"features": Features({str(n): Value("string") for n in names}), "keep_default_na": False}
 
 
 def _hub_failure(source: str, err: Exception) -> DataError:

@@ -8,12 +8,14 @@ tokenizer, so a conversation becomes the same tokens everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from jinja2.exceptions import SecurityError
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from chattune.data.chatml import (  # noqa: F401  (re-exported: the template's names live with its Python twin)
@@ -31,6 +33,35 @@ from chattune.errors import ChattuneError
 PAD = "<|pad|>"
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class BlockedTemplate(ChattuneError):
+    """A chat template that transformers' Jinja sandbox refused to run."""
+
+
+def template_source(tokenizer) -> str:
+    """Where a tokenizer's chat template was read from, for messages: the --chat-template file, the model
+    directory's chat_template.jinja or tokenizer_config.json, or the model's name."""
+    given = getattr(tokenizer, "_chattune_template_file", None)
+    if given:
+        return str(given)
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    for name in ("chat_template.jinja", "tokenizer_config.json"):  # transformers reads them in this order
+        if str(folder) and (folder / name).is_file():
+            return str(folder / name)
+    return f"the chat template of {folder}"
+
+
+@contextlib.contextmanager
+def sandbox_errors(tokenizer):
+    """Inside, a template that transformers' sandbox blocks (it reads attributes such as __class__, which a
+    chat template has no business with) stops with one line naming the template's file."""
+    try:
+        yield
+    except SecurityError as e:
+        raise BlockedTemplate(f"{template_source(tokenizer)}: transformers' sandbox blocked the chat template "
+                              f"({e}); a chat template may only format the messages: fix it, or pass --chat-template "
+                              "FILE (training) with one that works") from None
 
 
 @lru_cache(maxsize=1)
@@ -71,6 +102,7 @@ def prepare_tokenizer(tokenizer, template_file: str | None = None) -> TemplateSe
         if not path.is_file():
             raise ChattuneError(f"chat template file not found: {path}")
         tokenizer.chat_template = path.read_text()
+        tokenizer._chattune_template_file = str(path)  # named when the sandbox blocks it
         source = str(path)
     elif tokenizer.chat_template:
         source = "model"
@@ -113,14 +145,15 @@ def _template_kwargs(tokenizer) -> dict:
 def _jinja(tokenizer, conversations: list[list[dict]], tools: list | None, **kw):
     """render_jinja_template with each conversation's own tools (transformers takes one tools list per call)."""
     kw = {**_template_kwargs(tokenizer), "chat_template": tokenizer.chat_template, **kw}
-    if not tools or not any(tools):
-        return render_jinja_template(conversations=conversations, **kw)
-    texts, spans = [], []
-    for conv, t in zip(conversations, tools):
-        text, span = render_jinja_template(conversations=[conv], tools=t or None, **kw)
-        texts += text
-        spans += span if span else []
-    return texts, spans
+    with sandbox_errors(tokenizer):
+        if not tools or not any(tools):
+            return render_jinja_template(conversations=conversations, **kw)
+        texts, spans = [], []
+        for conv, t in zip(conversations, tools):
+            text, span = render_jinja_template(conversations=[conv], tools=t or None, **kw)
+            texts += text
+            spans += span if span else []
+        return texts, spans
 
 
 def render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
@@ -139,6 +172,11 @@ def render_with_spans(tokenizer, conversations: list[list[dict]], tools: list | 
     each assistant reply's span is what rendering up to that reply adds to rendering the history
     with the generation prompt; templates that rewrite earlier turns cannot be split this way.
     """
+    with sandbox_errors(tokenizer):
+        return _render_with_spans(tokenizer, conversations, tools)
+
+
+def _render_with_spans(tokenizer, conversations, tools):
     template = tokenizer.chat_template
     if not template:
         raise ChattuneError("the tokenizer has no chat template; call prepare_tokenizer first")
@@ -189,6 +227,8 @@ def check_roles(tokenizer, roles: dict[str, str]) -> None:
                   {"role": "assistant", "content": "done"}])
         try:
             text = render_with_spans(tokenizer, [probe], [[_PROBE_TOOL]] if role == "tool" else None)[0][0]
+        except BlockedTemplate:
+            raise
         except Exception as e:  # jinja's raise_exception and template bugs alike
             raise ChattuneError(f"the model's chat template cannot express '{role}' turns such as {where} (rendering "
                                 f"one fails: {str(e).splitlines()[0] if str(e) else type(e).__name__}); "
@@ -214,6 +254,8 @@ def check_tools(tokenizer, where: str) -> None:
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}]
     try:
         text = render_with_spans(tokenizer, [probe], [[_PROBE_TOOL]])[0][0]
+    except BlockedTemplate:
+        raise
     except Exception as e:  # jinja's raise_exception and template bugs alike
         raise ChattuneError(f"the model's chat template cannot render tool calls such as {where} (rendering one fails: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); {_TOOL_HINT}") from None

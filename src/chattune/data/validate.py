@@ -35,6 +35,8 @@ _NEXT = {
 FIXES = {
     "unreadable file": "check that the file is complete and of the type its name says",
     "invalid JSON": "make each line one complete JSON object (JSON Lines: one object per line)",
+    "invalid UTF-8": "save the file as UTF-8 (or remove the line)",
+    "nested too deeply": "flatten the row: a chat row needs a list of messages, not deeply nested values",
     "malformed row": "give each row the format's columns, with the documented types",
     "empty conversation": "give the row a user message and an assistant reply, or remove it",
     "missing role": "give every message a 'role': system, user, assistant or tool",

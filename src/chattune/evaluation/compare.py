@@ -25,7 +25,7 @@ def score_baseline(name: str, reference_tokenizer, conversations, kind: str, row
     theirs, _ = prepare_split(probe, tokenizer, max_length, kind)
     check_aligned(mine, theirs, reference_tokenizer, reference_name, name)
     stats = score_rows(model, rows, tokenizer.pad_token_id, batch_size)
-    replies = generate_replies(model, tokenizer, [p for p, _ in prompts], sample_tokens) if prompts else []
+    replies = generate_replies(model, tokenizer, [p for p, _ in prompts], sample_tokens, fit="left") if prompts else []
     del model
     gc.collect()
     return {"model": name, **stats, "sample_replies": [r["reply"] for r in replies]}

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
+from chattune.data.template import sandbox_errors
 from chattune.errors import ChattuneError
 from chattune.inference.generate import sampling_kwargs, stop_token_ids, until_stop
 from chattune.inference.toolcalls import assistant_message, parse_tool_calls
@@ -62,8 +63,10 @@ class ChatSession:
     def prompt_ids(self, messages: list[dict] | None = None) -> list[int]:
         """The tokens the model is given: the history rendered with the saved template, then the
         assistant header; the same tokens training produced for this history."""
-        enc = self.tokenizer.apply_chat_template(self.messages if messages is None else messages, tools=self.tools,
-                                                 add_generation_prompt=True, tokenize=True, return_dict=True)
+        with sandbox_errors(self.tokenizer):
+            enc = self.tokenizer.apply_chat_template(self.messages if messages is None else messages,
+                                                     tools=self.tools, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
         return list(enc["input_ids"])
 
     def _fit_context(self) -> list[int]:

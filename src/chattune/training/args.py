@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from chattune.training import early_stop
+from chattune.training.tracking import report_to_list, run_name
+
 
 def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
     """transformers TrainingArguments fields from chattune's config: what every trainer (SFT, DPO) shares."""
     t = cfg.train
     eval_strategy = ("steps" if t.eval_steps else "epoch") if has_eval else "no"
-    return dict(
+    kwargs = dict(
         output_dir=t.output_dir,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps if t.max_steps is not None else -1,
@@ -32,7 +35,9 @@ def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
         save_strategy="steps" if t.save_steps else "epoch",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
-        report_to="none",
+        # transformers' own tracker integrations; each reads its own environment (tracking.py)
+        report_to=report_to_list(t.report_to),
+        run_name=run_name(cfg),
         dataloader_num_workers=t.num_workers,
         # page-locked host memory only speeds copies to a GPU; on a CPU it is a wasted copy
         dataloader_pin_memory=not use_cpu,
@@ -47,6 +52,9 @@ def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
         # every parameter gets a gradient each step; searching for unused ones costs a graph walk
         ddp_find_unused_parameters=False,
     )
+    # the best checkpoint by evaluation loss (early stopping, --load-best): a save at every evaluation
+    kwargs.update(early_stop.trainer_kwargs(cfg, has_eval))
+    return kwargs
 
 
 def sft_args(cfg, precision: str, has_eval: bool, use_cpu: bool):

@@ -157,6 +157,8 @@ class AtomicCheckpoints:
                 error = e
             finally:
                 self._staging_dir = None
+        if not self._any_failed(error):
+            self._name_best_checkpoint(run_dir, staging / name)
         if not self._any_failed(error) and self.args.should_save:
             try:
                 write_manifest(staging / name, self.state.global_step)
@@ -174,6 +176,20 @@ class AtomicCheckpoints:
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def _name_best_checkpoint(self, run_dir: Path, staged: Path) -> None:
+        """transformers looked for the best checkpoint (metric_for_best_model) under the staging directory: name
+        it where it lives, so rotation keeps it, --load-best finds it and the staged trainer state says so."""
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        step = self.state.best_global_step
+        if not step:
+            return
+        best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if step == self.state.global_step or best.is_dir():
+            self.state.best_model_checkpoint = str(best)
+        if self.args.should_save and (staged / TRAINER_STATE_NAME).is_file():
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
 
     def _any_failed(self, error) -> bool:
         return any_rank([error is not None], self.args.device)[0]

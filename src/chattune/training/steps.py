@@ -16,6 +16,7 @@ from chattune.model import adapters
 from chattune.model.load import fit_model_to_tokenizer, load_model, pick_device, resolve_precision
 from chattune.model.speed import set_attention_dropout
 from chattune.outputs import MERGED_DIR, METRICS_FILE, RESULTS_FILE
+from chattune.training import early_stop, tracking
 from chattune.training.checkpoints import discard_staging
 from chattune.training.distributed import process_state, quiet_unless_main
 from chattune.training.interrupts import StepControl, StopSignals, interrupted_error, nonfinite_error
@@ -31,6 +32,13 @@ def check_model_kind(cfg) -> None:
     if adapters.is_adapter_dir(cfg.model.name):
         raise ChattuneError(f"{cfg.model.name} is a LoRA adapter, not a model: merge it first (chattune merge "
                             f"{cfg.model.name} --output-dir DIR) and train from DIR")
+
+
+def check_tracking_and_stopping(cfg) -> None:
+    """Before any data or weights load: the trackers' packages are installed, and early stopping / --load-best
+    can work (evaluation data, a checkpoint at every evaluation)."""
+    tracking.check_installed(cfg.train.report_to)
+    early_stop.check(cfg)
 
 
 @contextlib.contextmanager
@@ -106,6 +114,17 @@ def train(trainer, signals: StopSignals, control: StepControl, resume, out: Path
     if control.stopped_at is not None:
         raise interrupted_error(control, out, quiet=not state.is_main_process)
     return result
+
+
+def final_evaluation(cfg, trainer, has_eval: bool) -> tuple[dict, dict | None]:
+    """(the final model's evaluation, the stopping facts for results.json). The stopping facts are taken first
+    (early stopping sees this evaluation too) and logged; the evaluation is not resent to the trackers."""
+    stopping = early_stop.summary(cfg, trainer)
+    if stopping and trainer.is_world_process_zero():
+        log.info(early_stop.describe(stopping))
+    with tracking.trackers_paused(trainer):
+        final = trainer.evaluate() if has_eval else {}
+    return final, stopping
 
 
 def save(cfg, trainer, tokenizer, out: Path, results: dict) -> None:

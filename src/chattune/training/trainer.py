@@ -22,9 +22,10 @@ from chattune.training.distributed import pad_to_even_shards
 from chattune.training.interrupts import StepControl
 from chattune.training.metrics import evaluate_batches, summarize
 from chattune.training.sampling import length_grouped_sampler
+from chattune.training.tracking import ThroughputLog
 
 
-class ChattuneTrainer(AtomicCheckpoints, SFTTrainer):
+class ChattuneTrainer(ThroughputLog, AtomicCheckpoints, SFTTrainer):
     def __init__(self, *args, **kwargs):
         model = kwargs["model"]
         self.selective = fast_loss_supported(model)

@@ -27,7 +27,7 @@ SYSTEMS = [None, "be brief", None, "you are kind", None, None, "be brief", None,
 
 def ten_conversations() -> list[dict]:
     """Ten conversations alpaca can express too: optional system, history turns, an instruction with
-    an optional input (alpaca joins them with a blank line), and the final output."""
+    an optional input (alpaca joins them with one newline, as LLaMA-Factory does), and the final output."""
     rows = []
     for i in range(10):
         history = [[f"what is {i} + {j}", f"{i} + {j} = {i + j}."] for j in range(i % 3)]
@@ -41,7 +41,7 @@ def as_messages(r: dict) -> list[dict]:
     msgs = [{"role": "system", "content": r["system"]}] if r["system"] else []
     for q, a in r["history"]:
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+    user = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
     return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]
 
 
@@ -85,6 +85,18 @@ def test_same_conversations_in_three_formats_train_to_identical_tokens(three_fil
     assert "be brief" in text and "1 + 0 = 1." in text
 
 
+def test_alpaca_joins_instruction_and_input_with_one_newline_as_llama_factory_does():
+    from chattune.data.formats import from_alpaca
+
+    def user(row):
+        return from_alpaca({"output": "o", **row}, {})[-2]["content"]
+
+    assert user({"instruction": "Translate to French", "input": "good morning"}) == "Translate to French\ngood morning"
+    assert user({"instruction": "Say hi", "input": ""}) == "Say hi"
+    assert user({"instruction": "Say hi"}) == "Say hi"
+    assert user({"instruction": "", "input": "good morning"}) == "good morning"  # empty parts are skipped, not joined
+
+
 def test_forced_format_and_renamed_columns(tmp_path):
     f = tmp_path / "dialog.jsonl"
     f.write_text(json.dumps({"dialog": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
@@ -116,6 +128,9 @@ def test_prompt_completion_and_text_formats(tmp_path, tiny_tokenizer):
 def test_real_alpaca_and_sharegpt_files_with_tool_turns():
     alpaca = load_conversations(str(SHARED_DATA / "alpaca_en_demo.json"), "train")
     assert alpaca.format == "alpaca" and len(alpaca.dataset) == 999
+    raw = json.loads((SHARED_DATA / "alpaca_en_demo.json").read_text())
+    i = next(i for i, r in enumerate(raw) if r.get("input"))
+    assert alpaca.dataset[i]["messages"][-2]["content"] == raw[i]["instruction"] + "\n" + raw[i]["input"]
     glaive = load_conversations(str(SHARED_DATA / "glaive_toolcall_en_demo.json"), "train")
     assert glaive.format == "sharegpt" and len(glaive.dataset) == 300
     assert "tools" not in glaive.info.get("ignored_columns", [])  # its tool definitions are kept
