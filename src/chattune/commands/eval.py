@@ -121,7 +121,7 @@ def run_eval(model_path: str, dataset: str | None = None, split: str | None = No
 
         if has_tool_calls(data.dataset):
             result["tool_calls"] = score_tool_calls(model, tokenizer, data.dataset, tool_turns, batch_size)
-    prompts = (sample_prompts(data.dataset.select(range(min(samples, len(data.dataset))))["messages"], samples)
+    prompts = (sample_prompts(data.dataset, samples)
                if samples and kind == "messages" else [])
     if prompts:
         # a held-out conversation longer than the context is cut from the left (the reply needs room)

@@ -31,7 +31,7 @@ DEFAULT_STEPS = 900
 def add_arguments(p) -> None:
     p.add_argument("--output-dir", default="quickstart-out", help="where to build and train (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help=f"optimizer steps (default: {DEFAULT_STEPS}; 400 for --task tools)")
+                   help=f"optimizer steps (default: {DEFAULT_STEPS}; 1000 for --task tools)")
     p.add_argument("--task", choices=("addition", "tools"), default="addition",
                    help="addition: answer sums (default); tools: call an add(a, b) tool with the right arguments and "
                         "answer with its result")

@@ -20,8 +20,8 @@ from chattune.outputs import TASK_SCORE_FILE
 
 log = logging.getLogger("chattune")
 METRIC = "tool_call_accuracy"
-STEPS = 400  # longer rows than the addition task (the tool definitions), an easier skill (copying numbers)
-MAX_LENGTH = 384  # the longest test conversation is ~320 tokens with the demo tokenizer
+STEPS = 1000  # longer rows than the addition task (the tool definitions), and copying numbers takes a while to emerge
+MAX_LENGTH = 448  # the longest conversation (three sums) is ~400 tokens with the demo tokenizer
 
 
 def tool_config(out: Path, max_steps: int | None = None) -> Config:

@@ -17,7 +17,7 @@ import numpy as np
 from chattune.data.digest import code_digest
 from chattune.data.formats import detect_format, optional_columns, required_columns, to_canonical
 from chattune.data.sources import Part, load_parts
-from chattune.data.tools import from_arrow, has_tools, to_arrow
+from chattune.data.tools import Conversation, from_arrow, has_tools, to_arrow
 from chattune.data.validate import (
     FIXES,
     Reason,
@@ -320,12 +320,19 @@ def holdout_split(ds, fraction: float):
 
 
 
-def sample_prompts(conversations, n: int) -> list[tuple[list[dict], str]]:
-    """(conversation up to its last assistant reply, that reply) for the first n conversations (stored rows'
-    messages: tool calls come back decoded)."""
+def sample_prompts(rows, n: int) -> list[tuple[list[dict], str]]:
+    """(conversation up to its last assistant reply, that reply) for the first n conversations of a canonical
+    dataset (or a list of its messages). Tool calls come back decoded, and a conversation with tools comes as
+    a Conversation that carries them, which generate_replies renders with them."""
+    tools = None
+    if hasattr(rows, "column_names"):
+        rows = rows.select(range(min(n, len(rows))))
+        tools = rows["tools"] if "tools" in rows.column_names else None
+        rows = rows["messages"]
     out = []
-    for conv in conversations[:n]:
+    for i, conv in enumerate(rows[:n]):
         conv, _ = from_arrow(conv)
         last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
-        out.append((conv[:last], conv[last]["content"]))
+        out.append((Conversation(conv[:last], tools=from_arrow([], tools[i])[1] if tools else None),
+                    conv[last]["content"]))
     return out

@@ -115,6 +115,15 @@ def call_json(call: dict) -> str:
             + (args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)) + "}")
 
 
+class Conversation(list):
+    """A list of messages that carries the conversation's tool definitions (`tools`, or None), for code that
+    passes conversations around as plain lists (sample prompts of the report and of `eval --samples`)."""
+
+    def __init__(self, messages=(), tools: list[dict] | None = None):
+        super().__init__(messages)
+        self.tools = tools
+
+
 def has_tools(messages: list[dict], tools) -> bool:
     return bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
 

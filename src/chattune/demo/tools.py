@@ -38,22 +38,22 @@ def answer(a: int, b: int) -> str:
     return f"The sum of {a} and {b} is {a + b}."
 
 
-def conversation(rng: random.Random, pairs: list[tuple[int, int]], multi_turn: float = 0.2, system: float = 0.2,
-                 small_talk: float = 0.1) -> list[dict]:
+def conversation(rng: random.Random, pairs: list[tuple[int, int]], system: float = 0.2, small_talk: float = 0.1,
+                 max_sums: int = 3) -> list[dict]:
+    """One to max_sums sums, each asked, called, answered by the tool and answered (several per conversation
+    share the tool definitions at its start, which a tiny model otherwise spends most of its compute on)."""
     msgs = [{"role": "system", "content": rng.choice(addition.SYSTEMS)}] if rng.random() < system else []
     if rng.random() < small_talk:  # turns without a call, so the model also learns when not to call
-        question, answer = rng.choice(SMALL_TALK)
-        msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    a, b = rng.choice(pairs)
-    msgs += [{"role": "user", "content": rng.choice(QUESTIONS).format(a=a, b=b)}, *call_turns(rng, a, b, 0)]
-    if rng.random() < multi_turn:
+        question, reply = rng.choice(SMALL_TALK)
+        msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    for k in range(rng.randint(1, max_sums)):
         a, b = rng.choice(pairs)
-        msgs += [{"role": "user", "content": rng.choice(FOLLOW_UPS).format(a=a, b=b)},
-                 *call_turns(rng, a, b, 1)]
+        msgs += [{"role": "user", "content": rng.choice(FOLLOW_UPS if k else QUESTIONS).format(a=a, b=b)},
+                 *call_turns(rng, a, b, k)]
     return msgs
 
 
-def tool_splits(n_train: int = 3000, n_test: int = 200, seed: int = 0, **conv_kw) -> dict[str, list[dict]]:
+def tool_splits(n_train: int = 4000, n_test: int = 100, seed: int = 0, **conv_kw) -> dict[str, list[dict]]:
     """Rows {"messages", "tools"}; test rows use held-out operand pairs only (the quickstart's split of pairs)."""
     rng = random.Random(seed)
     out = {}

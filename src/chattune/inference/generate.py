@@ -111,14 +111,17 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     tokens (finish_reason 'length'). A prompt that leaves no room for a reply stops with one line, or with
     fit='left' (sample replies to data set conversations) is cut from the left by fit_prompt to leave room
     for max_new_tokens (at most half the context); each reply then says what was cut in 'cut' (or None).
-    tools: each conversation's tool definitions (or None); a reply to a conversation with tools (a list, []
-    included) also has 'tool_calls' (canonical, parsed from the text), 'content' (the text outside the calls)
-    and 'invalid_tool_calls', and finish_reason 'tool_calls' when it calls.
+    tools: each conversation's tool definitions (or None; by default a data.tools.Conversation's own); a
+    reply to a conversation with tools (a list, [] included) also has 'tool_calls' (canonical, parsed from the
+    text), 'content' (the text outside the calls) and 'invalid_tool_calls', and finish_reason 'tool_calls' when
+    it calls.
     """
     from chattune.inference.toolcalls import parse_tool_calls
 
     if fit not in ("error", "left"):
         raise ValueError(f"fit must be 'error' or 'left', not {fit!r}")
+    if tools is None and any(getattr(c, "tools", None) for c in conversations):  # data.tools.Conversation
+        tools = [getattr(c, "tools", None) for c in conversations]
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
