@@ -212,7 +212,8 @@ def validate_data(cfg) -> dict:
               "splits": [{"name": s.name, "format": s.format, "valid": len(s.dataset), "invalid": len(s.rejected)}
                          for s in splits],
               "problems": dict(Counter(p.reason.kind for p in problems).most_common()),
-              "first": [{"where": p.where, "kind": p.reason.kind, "reason": str(p.reason)} for p in problems[:20]]}
+              "first": [{"where": p.where, "kind": p.reason.kind, "reason": str(p.reason)} for p in problems[:20]],
+              "undeclared_tool_calls": [n for s in splits for n in s.info.get("undeclared_tool_calls", [])]}
     if problems:
         valid = sum(x["valid"] for x in result["splits"])
         result["report"] = report(" + ".join(s.name for s in splits if s.rejected), problems, valid + len(problems),
@@ -223,4 +224,8 @@ def validate_data(cfg) -> dict:
 def format_validate(r: dict) -> str:
     lines = [f"{s['name']}: {s['valid']} valid conversations, format {s['format']}"
              + (f", {s['invalid']} invalid" if s["invalid"] else "") for s in r["splits"]]
+    undeclared = r.get("undeclared_tool_calls")
+    if undeclared:  # not a problem by default: counted, and an error with --strict-tools
+        lines.append(f"{len(undeclared)} conversation(s) call a function their tools do not declare (first: "
+                     f"{undeclared[0]}); --strict-tools rejects them")
     return "\n".join(lines + ([r["report"]] if not r["ok"] else ["no problems found"]))

@@ -193,3 +193,16 @@ def test_a_model_template_receives_tools_and_one_that_ignores_them_is_refused(ti
                                     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(ChattuneError, match="ignores tool definitions .* conversation 0"):
         prepare_split(loaded.dataset, tiny_tokenizer, None)
+
+
+def test_data_validate_counts_undeclared_calls_and_strict_tools_rejects_them(tmp_path):
+    from chattune.config import Config
+    from chattune.data.inspect import format_validate, validate_data
+
+    cfg = Config()
+    cfg.data.dataset = write_jsonl(tmp_path / "d.jsonl", [sharegpt_row(call='{"name": "mul", "arguments": {}}')])
+    r = validate_data(cfg)
+    assert r["ok"] and "1 conversation(s) call a function their tools do not declare" in format_validate(r)
+    cfg.data.strict_tools = True
+    r = validate_data(cfg)
+    assert not r["ok"] and r["problems"] == {"undeclared tool": 1}
