@@ -3,9 +3,14 @@ data set laid out like HuggingFaceH4/ultrachat_200k. Nothing is fetched from the
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -63,6 +68,74 @@ def start_cli():
         with open(log, "w") as f:
             return subprocess.Popen(cli_command(*args), stdout=subprocess.DEVNULL, stderr=f, env=cli_env(env),
                                     cwd=ROOT, **popen)
+
+    return start
+
+
+# the tests' tiny models run fastest on one thread, and on a busy machine more threads spin waiting for each
+# other (30x slower measured under load); results do not depend on it
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread in this test process for a module (see ONE_THREAD); the previous count after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class ServerProcess:
+    """`python -m chattune serve` running in the background on a free loopback port; stdout and stderr go to
+    `log`. `ready()` waits until it answers /health; `stop(sig)` returns its exit status."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path):
+        self.proc, self.log, self.url = proc, log, None
+
+    def ready(self, timeout: float = 300) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if self.url is None and (m := re.search(r" on (http://127\.0\.0\.1:\d+) ", self.log.read_text())):
+                self.url = m.group(1)
+            if self.url and self.get("/health", check=False) is not None:
+                return self
+            time.sleep(0.2)
+        self.stop(signal.SIGKILL)
+        raise RuntimeError(f"the server did not start:\n{self.log.read_text()[-3000:]}")
+
+    def get(self, path: str, check: bool = True) -> dict | None:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=30) as r:
+                return json.loads(r.read())
+        except OSError:
+            if check:
+                raise
+            return None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """Start `python -m chattune serve MODEL --port 0 ARGS` (on one thread) in the background: start_server(model,
+    *args, log=PATH, env=None) -> ServerProcess; call .ready() before using .url (other set-up can run while it
+    loads)."""
+
+    def start(model, *args, log: Path, env: dict | None = None) -> ServerProcess:
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cli_command("serve", model, "--port", 0, *args), stdout=f, stderr=subprocess.STDOUT,
+                                    env=cli_env({**ONE_THREAD, **(env or {})}), cwd=ROOT)
+        return ServerProcess(proc, log)
 
     return start
 

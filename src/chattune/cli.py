@@ -27,8 +27,10 @@ COMMANDS = {
     "eval": ("eval", "assistant-token loss, perplexity and accuracy on a data set, optionally against a baseline"),
     "chat": ("chat", "talk to a model: interactive, one --message, or lines piped on standard input"),
     "generate": ("generate", "answer every prompt of a JSONL file, in batches"),
+    "serve": ("serve", "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
     "merge": ("merge", "merge a LoRA adapter into its base model: a standalone model directory"),
     "push": ("push", "upload a model directory with a generated model card to the Hugging Face hub"),
+    "export": ("export", "export the model for llama.cpp, Ollama and LM Studio (GGUF)"),
 }
 
 

@@ -79,6 +79,19 @@ def load_model(name: str, revision: str | None = None, trust_remote_code: bool =
     return load_pretrained(name, revision, trust_remote_code, dtype=dtype, quantization_config=quantization_config)
 
 
+def check_model_complete(path, content: bool = True) -> None:
+    """Refuse a chattune model directory whose final save did not finish (or whose files changed since), with
+    one line naming the fix; `content` also verifies checksums. Readers that hand a model on (export) call it.
+
+    MERGE POINT, branch harden-rundir: it adds chattune.model.manifest.check_complete (the final-save
+    manifest). Until it is on main there is no record to check; once it is, drop the ImportError fallback."""
+    try:
+        from chattune.model.manifest import check_complete
+    except ImportError:
+        return
+    check_complete(path, content=content)
+
+
 def fit_model_to_tokenizer(model, tokenizer, setup: TemplateSetup) -> None:
     """Grow the embeddings for added tokens, and make the end-of-turn token stop generation."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
