@@ -248,21 +248,31 @@ _PROBE_CALL = {"id": "call_0", "type": "function",
 def check_tools(tokenizer, where: str) -> None:
     """Refuse tool data when the model's own template would not show the model its tools or calls: transformers
     hands a template `tools=` and assistant `tool_calls`, and a template without tool support ignores them."""
+    problem = tool_template_problem(tokenizer, f"such as {where}", f"the data has them, e.g. {where}")
+    if problem:
+        raise ChattuneError(f"{problem}; {_TOOL_HINT}")
+
+
+def tool_template_problem(tokenizer, such: str = "", has: str = "") -> str | None:
+    """Why the model's chat template cannot show a model its tools or calls, or None when it can (chattune's own
+    template, or a template that renders both); `such` and `has` add context to the text ("such as X", "the data
+    has them")."""
     template = tokenizer.chat_template
     if not template or is_chattune_template(template):
-        return
+        return None
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}]
     try:
         text = render_with_spans(tokenizer, [probe], [[_PROBE_TOOL]])[0][0]
     except BlockedTemplate:
         raise
     except Exception as e:  # jinja's raise_exception and template bugs alike
-        raise ChattuneError(f"the model's chat template cannot render tool calls such as {where} (rendering one fails: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); {_TOOL_HINT}") from None
+        return (f"the model's chat template cannot render tool calls{' ' + such if such else ''} (rendering one "
+                f"fails: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
     for what, needle in (("tool definitions", "chattune-probe-doc-7d1f"), ("tool calls", "chattune_probe_arg")):
         if needle not in text:
-            raise ChattuneError(f"the model's chat template ignores {what} (the data has them, e.g. {where}), so the "
-                                f"model would never see them; {_TOOL_HINT}")
+            return (f"the model's chat template ignores {what}{f' ({has})' if has else ''}, so the model would never "
+                    "see them")
+    return None
 
 
 _TOOL_HINT = ("pass --chat-template with a template that renders tools= and tool_calls (chattune's own does, in the "

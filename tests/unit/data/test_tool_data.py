@@ -200,7 +200,8 @@ def test_data_validate_counts_undeclared_calls_and_strict_tools_rejects_them(tmp
     from chattune.data.inspect import format_validate, validate_data
 
     cfg = Config()
-    cfg.data.dataset = write_jsonl(tmp_path / "d.jsonl", [sharegpt_row(call='{"name": "mul", "arguments": {}}')])
+    cfg.data.dataset = write_jsonl(tmp_path / "d.jsonl", [sharegpt_row(call='{"name": "mul", "arguments": {}}'),
+                                                          sharegpt_row()])  # a usable row: a source without raises
     r = validate_data(cfg)
     assert r["ok"] and "1 conversation(s) call a function their tools do not declare" in format_validate(r)
     cfg.data.strict_tools = True
