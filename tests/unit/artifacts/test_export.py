@@ -141,6 +141,30 @@ def test_neutralised_template_renders_the_same_text(trained):
     assert gguf_vocab.gguf_chat_template(None) is None
 
 
+def test_a_tool_models_gguf_keeps_its_tool_template_and_call_tags(tool_trained_dir, tmp_path):
+    """The GGUF of a model trained on tool data carries the template's tool layout: llama-cpp-python's renderer
+    (the export extra; it gives jinja transformers' tojson) renders definitions, calls and results from the file as
+    transformers does, and the call tags are user-defined tokens (llama.cpp matches them whole and prints them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chattune.demo.tools import ADD_TOOL
+
+    llama_format = pytest.importorskip("llama_cpp.llama_chat_format")
+    model, tok = AutoModelForCausalLM.from_pretrained(tool_trained_dir), AutoTokenizer.from_pretrained(tool_trained_dir)
+    r = gguf.GGUFReader(write_gguf(model.eval(), tok, tmp_path / "tools.gguf", dtype="f32"))
+    tokens, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
+    assert [types[tokens.index(t)] for t in ("<tool_call>", "</tool_call>")] == [gguf.TokenType.USER_DEFINED] * 2
+    conv = [{"role": "user", "content": "What is 12 + 34?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 12, "b": 34}}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": '{"result": 46}'}]
+    fmt = llama_format.Jinja2ChatFormatter(field(r, "tokenizer.chat_template"), eos_token="<|im_end|>",
+                                           bos_token="<|endoftext|>")
+    prompt = fmt(messages=conv, tools=[ADD_TOOL]).prompt
+    assert prompt == tok.apply_chat_template(conv, tools=[ADD_TOOL], tokenize=False, add_generation_prompt=True)
+    assert '<tools>\n{"type": "function", "function": {"name": "add"' in prompt and "<tool_response>" in prompt
+
+
 def test_pretokenizer_mapping(trained):
     _, tok = trained
     texts = list(texts_of(addition.addition_splits(n_train=32, n_test=0, seed=2)))
