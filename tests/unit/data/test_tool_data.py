@@ -172,6 +172,23 @@ def test_glaive_trains_on_calls_with_its_tool_definitions_and_never_on_results(t
     assert all(res in text for res in results)
 
 
+def test_data_inspect_on_glaive_shows_the_definitions_in_the_prompt_and_marks_only_calls(capsys, model_dir):
+    from chattune.cli import main
+
+    glaive = str(SHARED_DATA / "glaive_toolcall_en_demo.json")
+    convs, tools = rows_of(load_conversations(glaive, "train").dataset[:])
+    i = next(k for k, c in enumerate(convs) if any(m.get("tool_calls") for m in c))
+    assert main(["data", "inspect", "--model", str(model_dir), "--dataset", glaive, "--example", str(i)]) == 0
+    out = capsys.readouterr().out
+    assert "conversations declare tools" in out and "# Tools" in out
+    system = out[out.index("example "):out.index("<|im_end|>")]
+    assert all(t["function"]["name"] in system for t in tools[i])  # the definitions, in the system turn
+    assert "⟦<tool_call>" in out and "</tool_call><|im_end|>⟧" in out  # calls trained on
+    result = next(m["content"] for m in convs[i] if m["role"] == "tool")
+    marked = [part.split("⟧")[0] for part in out.split("⟦")[1:]]
+    assert result[:20] in out and not any(result[:20] in m for m in marked)  # results shown, never trained on
+
+
 TOOL_TEMPLATE = (  # a model's own template that takes tools= and tool_calls, with generation tags
     "{% if tools %}{{ 'TOOLS ' + (tools | tojson) + '\n' }}{% endif %}{% for m in messages %}"
     "{% if m['role'] == 'assistant' %}{{ 'A: ' }}{% generation %}{{ m['content'] }}"
