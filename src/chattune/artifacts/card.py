@@ -39,13 +39,18 @@ def training_sources(d: dict) -> list[tuple[str, str | None]]:
 
 
 def _hyperparameters(t: dict, d: dict, results: dict, base) -> list[tuple[str, object]]:
-    runtime = (results.get("train") or {}).get("train_runtime")
-    rows = [("base model", _describe(base)), ("epochs", t.get("epochs")), ("max steps", t.get("max_steps")),
+    run = results.get("train") or {}
+    runtime = run.get("train_runtime")
+    # what the run did (the trainer's final state), not what the config asked: a max-steps run stops mid-epoch
+    epochs = run.get("epoch")
+    rows = [("base model", _describe(base)),
+            ("epochs run", round(float(epochs), 2) if epochs is not None else None),
+            ("epochs", t.get("epochs") if epochs is None else None), ("max steps", t.get("max_steps")),
             ("batch size per device", t.get("batch_size")), ("gradient accumulation", t.get("grad_accum")),
             ("learning rate", t.get("lr")), ("schedule", t.get("lr_scheduler")), ("warm-up", t.get("warmup")),
             ("weight decay", t.get("weight_decay")), ("max length", d.get("max_length")),
             ("precision", results.get("precision") or t.get("precision")), ("seed", t.get("seed")),
-            ("steps run", (results.get("train") or {}).get("global_step")),
+            ("steps run", run.get("global_step")),
             ("training time (s)", runtime if runtime is None else fmt_number(float(runtime)))]
     return [(k, v) for k, v in rows if v is not None]
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import re
 
 from chattune.config import SECTIONS, Config, apply_values, fields_of, load_yaml, validate
+from chattune.errors import ConfigError
 
 
 def default(func, name: str):
@@ -43,7 +45,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, .
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then the YAML file, then the flags given on the command line."""
+    """Defaults, then the YAML file, then the flags given on the command line. An error about a value the
+    command line set names the flag typed (--lr); one about a YAML value names its key (train.lr)."""
     cfg = Config()
     if getattr(args, "config", None):
         apply_values(cfg, load_yaml(args.config), str(args.config))
@@ -52,5 +55,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if "." in dest:
             section, name = dest.split(".", 1)
             overrides.setdefault(section, {})[name] = value
-    apply_values(cfg, overrides, "command line")
-    return validate(cfg)
+    flags = {f"{section}.{name}": fields_of(SECTIONS[section])[name][0].metadata["flag"]
+             for section, names in overrides.items() for name in names}
+    try:
+        apply_values(cfg, overrides, "command line")
+        return validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(name_flags(str(e), flags)) from None
+
+
+def name_flags(message: str, flags: dict[str, str]) -> str:
+    """Config keys in `message` replaced by the flags in `flags` ({"train.lr": "--lr"})."""
+    text = re.sub(r"\b(?:model|data|train|lora)\.\w+\b", lambda m: flags.get(m.group(0), m.group(0)), message)
+    return re.sub(r"(--[\w-]+) \(\1\)", r"\1", text)  # "lora.merge (--merge)" became "--merge (--merge)"

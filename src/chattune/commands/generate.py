@@ -56,6 +56,15 @@ def check_generation_settings(max_new_tokens: int, temperature: float, top_p: fl
             raise ChattuneError(f"{flag} must be {rule}, got {value}")
 
 
+def check_not_same_file(input_path, output_path) -> None:
+    """--output must not be --input under another spelling (or a link to it): the answers would replace the prompts."""
+    src, dst = Path(input_path).expanduser(), Path(output_path).expanduser()
+    same = src.resolve() == dst.resolve() or (src.exists() and dst.exists() and os.path.samefile(src, dst))
+    if same:
+        raise ChattuneError(f"--output {output_path} is the --input file: the answers would replace the prompts; "
+                            "give another --output")
+
+
 def _conversation(row: dict, where: str) -> tuple[list[dict], list | None]:
     """A prompt row's messages (OpenAI's shape: tool calls' arguments may be JSON strings) and tools, canonical."""
     from chattune.data.formats import from_messages
@@ -118,6 +127,7 @@ def run_generate(model_path: str, input_path: str, output_path: str, max_new_tok
     from chattune.model.load import load_chat_model
 
     check_generation_settings(max_new_tokens, temperature, top_p, batch_size)
+    check_not_same_file(input_path, output_path)
     rows = read_prompts(input_path, system)
     model, tokenizer = load_chat_model(model_path, device)
     tools = [t for _, _, t in rows]

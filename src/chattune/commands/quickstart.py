@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 from chattune.config import Config, validate
 from chattune.demo import addition, assets
 from chattune.errors import ChattuneError
-from chattune.outputs import QUICKSTART_MARKER, TASK_SCORE_FILE
+from chattune.outputs import LOCK_FILE, QUICKSTART_MARKER, REPLACED_SUFFIX, TASK_SCORE_FILE
 from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
@@ -32,18 +31,23 @@ def add_arguments(p) -> None:
     p.add_argument("--output-dir", default="quickstart-out", help="where to build and train (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None,
                    help=f"optimizer steps (default: {DEFAULT_STEPS}; 1000 for --task tools)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier quickstart in --output-dir: it is moved (never deleted) to a new sibling "
+                        "OUTPUT.replaced-DATE-TIME")
     p.add_argument("--task", choices=("addition", "tools"), default="addition",
                    help="addition: answer sums (default); tools: call an add(a, b) tool with the right arguments and "
                         "answer with its result")
 
 
 def run(args) -> int:
-    if args.task == "tools":
+    check_max_steps(args.max_steps)  # before run_quickstart's heavy imports
+    if getattr(args, "task", "addition") == "tools":
         from chattune.commands.quickstart_tools import print_result
 
-        print_result(run_tool_quickstart(args.output_dir, max_steps=args.max_steps), args.output_dir)
+        print_result(run_tool_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite),
+                     args.output_dir)
         return 0
-    r = run_quickstart(args.output_dir, max_steps=args.max_steps)
+    r = run_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite)
     s = r["sample"]
     print(f"\n{r['metric']} on {r['n']} held-out sums: before {r['before']:.1%} -> after {r['after']:.1%} "
           f"({r['seconds']:.0f} s)")
@@ -61,7 +65,7 @@ def quickstart_config(out: Path, max_steps: int | None = None) -> Config:
     t = cfg.train
     t.output_dir = str(out)
     t.batch_size, t.grad_accum, t.lr, t.warmup, t.weight_decay = 32, 1, 3e-3, 0.05, 0.01
-    t.max_steps = max_steps or DEFAULT_STEPS
+    t.max_steps = DEFAULT_STEPS if max_steps is None else max_steps
     # answers' lengths follow the sums, so length-grouped batches would be biased: sample at random
     t.group_by_length = False
     t.lr_scheduler, t.logging_steps, t.eval_steps, t.save_steps, t.save_total_limit = "cosine", 50, 250, 500, 1
@@ -84,16 +88,41 @@ def score(model, tokenizer, rows: list[dict], batch_size: int = 50) -> tuple[flo
     return sum(x["correct"] for x in results) / len(results), results
 
 
-def prepare_dir(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not (out / QUICKSTART_MARKER).exists():
-            raise ChattuneError(f"{out} is not empty and not an earlier quickstart; choose another --output-dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_max_steps(max_steps: int | None) -> None:
+    if max_steps is not None and max_steps < 1:
+        raise ChattuneError(f"--max-steps must be at least 1, got {max_steps}")
+
+
+def prepare_output_dir(out: Path, overwrite: bool = False) -> None:
+    """An empty folder to build in: an earlier quickstart is moved aside with --overwrite and kept otherwise;
+    any other non-empty folder is refused. (Call it holding the folder's RunLock.)"""
+    from chattune.training.rundir import set_aside
+
+    out = Path(out)
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+    if not entries:
+        return
+    if not (out / QUICKSTART_MARKER).exists():
+        raise ChattuneError(f"{out} is not empty and not an earlier quickstart; choose another --output-dir")
+    if not overwrite:
+        raise ChattuneError(f"{out} holds an earlier quickstart: pass --overwrite to move it to "
+                            f"{out.name}{REPLACED_SUFFIX}DATE-TIME and start afresh, or choose another --output-dir")
+    set_aside(out, entries)
 
 
 @quiet
-def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200) -> dict:
+def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200,
+                   overwrite: bool = False) -> dict:
+    check_max_steps(max_steps)  # before anything is built or moved
+    from chattune.training.lock import RunLock
+
+    out = Path(output_dir)
+    with RunLock(out):  # held while the folder is prepared; run_train takes it again inside
+        prepare_output_dir(out, overwrite)
+        return _build_train_score(out, max_steps, n_eval)
+
+
+def _build_train_score(out: Path, max_steps: int | None, n_eval: int) -> dict:
     import torch
 
     from chattune.commands.train import run_train
@@ -101,8 +130,6 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
     from chattune.model.load import load_model, load_prepared_base
 
     started = time.perf_counter()
-    out = Path(output_dir)
-    prepare_dir(out)
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart"}))
     splits = addition.addition_splits(n_test=n_eval)
     assets.write_hub_layout(splits, out / "data")
@@ -135,9 +162,21 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
     return report
 
 
-def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | None = None, n_eval: int = 200) -> dict:
+@quiet
+def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | None = None, n_eval: int = 200,
+                        overwrite: bool = False) -> dict:
     """`--task tools`: build the add(a, b) tool task and a base model, score held-out call accuracy, train, score
-    again (commands/quickstart_tools.py holds the task's parts)."""
+    again (commands/quickstart_tools.py holds the task's parts). The folder is prepared as run_quickstart's."""
+    check_max_steps(max_steps)
+    from chattune.training.lock import RunLock
+
+    out = Path(output_dir)
+    with RunLock(out):
+        prepare_output_dir(out, overwrite)
+        return _build_train_score_tools(out, max_steps, n_eval)
+
+
+def _build_train_score_tools(out: Path, max_steps: int | None, n_eval: int) -> dict:
     import torch
 
     from chattune.commands import quickstart_tools as task
@@ -146,8 +185,6 @@ def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | N
     from chattune.model.load import load_model, load_prepared_base
 
     started = time.perf_counter()
-    out = Path(output_dir)
-    prepare_dir(out)
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart --task tools"}))
     held_out = task.build_assets(out, n_eval)
     torch.set_num_threads(max(1, torch.get_num_threads()))

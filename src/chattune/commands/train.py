@@ -20,23 +20,29 @@ from chattune.verbosity import quiet
 log = logging.getLogger("chattune")
 
 
-
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
 
 
 def run(args) -> int:
-    run_train(config_from_args(args))
+    from chattune.training.rundir import check_output_dir
+
+    cfg = config_from_args(args)
+    check_output_dir(cfg)  # a refused --output-dir answers before run_train's heavy imports (@quiet)
+    run_train(cfg)
     return 0
 
 
 @quiet
 def run_train(cfg: Config) -> dict:
     """Fine-tune as `cfg` says; returns the output directory and the final metrics."""
+    from chattune.training.rundir import check_output_dir
+
+    cfg = validate(cfg)
+    check_output_dir(cfg)  # before any data or weights load (checked again under the lock)
     from chattune.training import steps
     from chattune.training.args import sft_args
 
-    cfg = validate(cfg)
     steps.check_model_kind(cfg)
     steps.check_tracking_and_stopping(cfg)
     with steps.run_directory(cfg) as (state, resume):
@@ -48,7 +54,7 @@ def run_train(cfg: Config) -> dict:
             cfg.save(out)  # the resolved config (max length filled in); holds no secrets
         args = sft_args(cfg, precision, data.eval_rows is not None, use_cpu=device == "cpu")
         model = steps.build_model(cfg, tokenizer, setup, args)
-        trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, device, precision, out)
+        trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, device, precision, out, resume)
         result = steps.train(trainer, signals, control, resume, out, state)
         return finish(cfg, trainer, tokenizer, data, result, out, device, precision)
 
@@ -76,18 +82,20 @@ def prepare_data(cfg: Config, out: Path, state):
     return tokenizer, setup, data
 
 
-def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precision: str, out: Path):
+def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precision: str, out: Path,
+                  resume: str | None = None):
     from chattune.data.collate import PadCollator
     from chattune.model.memory import estimate, report
     from chattune.training import early_stop, steps
     from chattune.training.callbacks import MetricsLogger
+    from chattune.training.interrupts import ResumeCheck
     from chattune.training.trainer import ChattuneTrainer
 
     signals, control = steps.guards(cfg)
     trainer = ChattuneTrainer(
         model=model, args=args, train_dataset=data.train_rows, eval_dataset=data.eval_rows, processing_class=tokenizer,
         data_collator=PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None),
-        callbacks=[MetricsLogger(out), control, *early_stop.callbacks(cfg)],
+        callbacks=[MetricsLogger(out), control, ResumeCheck(resume), *early_stop.callbacks(cfg)],
     )
     report(estimate(trainer.model, cfg.train.batch_size, cfg.data.max_length, precision,
                     cfg.train.gradient_checkpointing, device, selective_head=trainer.selective))
@@ -100,7 +108,9 @@ def finish(cfg: Config, trainer, tokenizer, data, result, out: Path, device: str
     from chattune.training import steps
 
     final, stopping = steps.final_evaluation(cfg, trainer, data.eval_rows is not None)
-    results = {"train": result.metrics, "eval": final, "max_length": cfg.data.max_length,
+    # the trainer's final state: steps and epochs actually run (the last logged step may be earlier)
+    train = {**result.metrics, "global_step": trainer.state.global_step, "epoch": trainer.state.epoch}
+    results = {"train": train, "eval": final, "max_length": cfg.data.max_length,
                "data": {"train": vars(data.train_stats), "eval": vars(data.eval_stats) if data.eval_stats else None},
                "device": device, "precision": precision}
     if stopping:
@@ -108,4 +118,4 @@ def finish(cfg: Config, trainer, tokenizer, data, result, out: Path, device: str
     steps.save(cfg, trainer, tokenizer, out, results)
     if trainer.is_world_process_zero():
         write_run_report(cfg, out, tokenizer, data.train_split, data.eval_split, data.eval_rows)
-    return {"output_dir": str(out), "train": result.metrics, "eval": final}
+    return {"output_dir": str(out), "train": train, "eval": final}

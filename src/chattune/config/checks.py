@@ -49,6 +49,9 @@ def validate(cfg: Config) -> Config:
     if not cfg.model.name:
         raise ConfigError("model.name is empty: give --model (a hub id or a local directory)")
     _check_entries(d)
+    if d.eval_fraction > 0 and (d.eval_split or any(e.eval_split for e in d.datasets)):
+        raise ConfigError("give data.eval_split or data.eval_fraction, not both: drop data.eval_fraction to evaluate "
+                          "on the split, or drop data.eval_split to hold out that fraction of the training rows")
     _check_tracking_and_stopping(t)
     if t.save_minutes is not None and not t.save_minutes > 0:
         raise ConfigError(f"train.save_minutes must be positive (or unset), got {t.save_minutes}")

@@ -116,6 +116,9 @@ class TrainConfig:
                                            "last one", flag="--save-minutes")
     resume: bool | str = opt(False, "continue from the newest checkpoint in --output-dir, or from a given "
                                     "checkpoint directory", flag="--resume")
+    overwrite: bool = opt(False, "start afresh in a non-empty --output-dir that holds no run to resume: its contents "
+                                 "are moved (never deleted) to a new sibling OUTPUT.replaced-DATE-TIME",
+                          flag="--overwrite")
     group_by_length: bool = opt(True, "batch conversations of similar length together (less padding, faster; "
                                       "batches become less random)", flag="--group-by-length")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory",

@@ -107,6 +107,7 @@ class StepControl(TrainerCallback):
                                 else signal.SIGTERM)  # another process got it
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False  # the user asked to stop: save and go, no evaluation first
         elif due:
             control.should_save = True
         return control
@@ -114,10 +115,62 @@ class StepControl(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.nonfinite_step is not None:
             control.should_save = False  # the epoch-end save would write the broken weights
+        if self.stopped_at is not None:
+            # the loop ends the epoch after a stop: its evaluation would delay the exit, and the step's save is done
+            control.should_evaluate = False
+            control.should_save = False
         return control
 
     def on_save(self, args, state, control, **kwargs):
         self._last_save = time.monotonic()
+
+
+class NonFiniteWeights(ChattuneError):
+    """Weights or optimizer state hold NaN or infinity: training on them would only spread it."""
+
+
+def _first_nonfinite(tensors) -> str | None:
+    for name, t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
+
+
+def weights_error(model, where: str) -> NonFiniteWeights | None:
+    """An error naming the first parameter that is NaN or infinite, or None."""
+    bad = _first_nonfinite(model.named_parameters())
+    if bad is None:
+        return None
+    return NonFiniteWeights(f"{where} the model holds NaN or infinite weights ({bad}); nothing was saved from them. "
+                            "Resume from an earlier checkpoint (--resume PATH), or start a new run with a lower --lr")
+
+
+class ResumeCheck(TrainerCallback):
+    """After a checkpoint is loaded (the Trainer loads it before on_train_begin), refuse to train on weights or
+    optimizer state that are not finite: a checkpoint broken before it was saved passes its checksums."""
+
+    def __init__(self, checkpoint: str | None):
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self.checkpoint:
+            return
+        from chattune.training.rundir import check_schedule
+
+        # a total from --epochs and the data, which run_directory could not know before the data was read
+        scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        check_schedule(self.checkpoint, state.max_steps, scheduler,
+                       f"this run's {state.max_steps} steps (from --epochs and the data)")
+        name = os.path.basename(os.path.normpath(self.checkpoint))
+        bad = _first_nonfinite(model.named_parameters()) if model is not None else None
+        what = "weights"
+        if bad is None and optimizer is not None:
+            what = "optimizer state"
+            bad = _first_nonfinite((f"{key} of parameter {i}", t) for i, s in enumerate(optimizer.state.values())
+                                   for key, t in s.items())
+        if bad is not None:
+            raise NonFiniteWeights(f"{name} holds NaN or infinite {what} ({bad}): training on it would only spread "
+                                   f"them. Resume from an earlier checkpoint with --resume PATH (or delete {name})")
 
 
 def resume_command(argv: list[str] | None = None) -> str:
@@ -143,7 +196,7 @@ def resume_command(argv: list[str] | None = None) -> str:
 
 
 def nonfinite_error(step: int, out) -> NonFiniteLoss:
-    found, _ = newest_complete(out)
+    found, _ = newest_complete(out, content=False)
     kept = (f"The last good checkpoint, {found}, is kept (--resume continues from it, with the learning-rate "
             "schedule it was saved with)" if found is not None else "No checkpoint had been saved before it")
     return NonFiniteLoss(f"the loss became NaN or infinite at step {step}; training stopped without saving that "
@@ -153,7 +206,7 @@ def nonfinite_error(step: int, out) -> NonFiniteLoss:
 
 def interrupted_error(control: StepControl, out, quiet: bool = False) -> TrainingInterrupted:
     name = signal.Signals(control.stop_signal).name
-    found, _ = newest_complete(out)
+    found, _ = newest_complete(out, content=False)
     saved = f"checkpoint saved to {found}" if found is not None else "no checkpoint could be saved"
     return TrainingInterrupted(f"interrupted by {name} at step {control.stopped_at}: {saved}; resume with: "
                                f"{resume_command()}", control.stop_signal, quiet=quiet)
