@@ -125,9 +125,9 @@ def _load_cached(path: Path, out: Path, main: bool, vocab_size: int) -> Prepared
         m = meta.get(key)
         if m is None:
             return None, None, None
-        rows = m["preview"]
-        preview = Dataset.from_list(rows, features=canonical_features(
-            "text" if m["format"] == "text" else "messages", tools="tools" in rows[0])) if rows else None
+        shown = m["preview"]  # (not `rows`: that is the cached splits, returned below)
+        preview = Dataset.from_list(shown, features=canonical_features(
+            "text" if m["format"] == "text" else "messages", tools="tools" in shown[0])) if shown else None
         loaded = LoadedSplit(dataset=preview, format=m["format"], name=m["name"], rejected=[])
         return loaded, rows[key], PrepStats(**m["stats"])
 

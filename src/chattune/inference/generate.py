@@ -110,7 +110,8 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     token; greedy when temperature is 0. A batch that would run past the model's context gets fewer new
     tokens (finish_reason 'length'). A prompt that leaves no room for a reply stops with one line, or with
     fit='left' (sample replies to data set conversations) is cut from the left by fit_prompt to leave room
-    for max_new_tokens (at most half the context); each reply then says what was cut in 'cut' (or None).
+    for max_new_tokens (at most half the context), leaving out tool definitions that alone do not fit; each
+    reply then says what was cut in 'cut' (or None).
     tools: each conversation's tool definitions (or None; by default a data.tools.Conversation's own); a
     reply to a conversation with tools (a list, [] included) also has 'tool_calls' (canonical, parsed from the
     text), 'content' (the text outside the calls) and 'invalid_tool_calls', and finish_reason 'tool_calls' when
@@ -130,9 +131,16 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     cuts: list[str | None] = [None] * len(conversations)
     if fit == "left" and context is not None:
         limit = context - min(max_new_tokens, context // 2)
-        conversations = list(conversations)
+        conversations, tools = list(conversations), list(tools) if tools else tools
         for i, conv in enumerate(conversations):
-            conversations[i], cuts[i] = fit_prompt(tokenizer, conv, limit, tools[i] if tools else None)
+            try:
+                conversations[i], cuts[i] = fit_prompt(tokenizer, conv, limit, tools[i] if tools else None)
+            except ChattuneError:
+                if not (tools and tools[i]):
+                    raise
+                # the tool definitions alone fill the context: leave them out ([] still parses calls)
+                conversations[i], cut = fit_prompt(tokenizer, conv, limit)
+                tools[i], cuts[i] = [], "; ".join(["the tool definitions left out"] + ([cut] if cut else []))
     ids_of = prompt_ids(tokenizer, conversations, tools)
     lengths = [len(x) for x in ids_of]
     order = sorted(range(len(conversations)), key=lambda i: lengths[i])

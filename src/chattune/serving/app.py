@@ -193,7 +193,12 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, shutd
         check_model(model_id)
         return model_card()
 
-    tool_problem = functools.cache(lambda: tool_template_problem(engine.tokenizer))
+    @functools.cache
+    def tool_problem() -> str | None:
+        try:
+            return tool_template_problem(engine.tokenizer)
+        except Exception as e:  # a template the sandbox blocks: the messages' rendering will say so too
+            return str(e)
 
     def tool_plan(body: ChatCompletionRequest, params: SamplingParams) -> tools.ToolPlan:
         """The request's tool settings; with tool_choice "none" the call tag is banned through `params`."""

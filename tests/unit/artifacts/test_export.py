@@ -96,7 +96,9 @@ def test_tokens_types_and_merges_are_the_tokenizers(trained, written):
     assert tokens == tok.convert_ids_to_tokens(list(range(len(tok))))
     special = {tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
     assert {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == special
-    assert all(t == gguf.TokenType.NORMAL for i, t in enumerate(types) if i not in special)
+    calls = {tok.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>")}  # added, not special
+    assert {i for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED} == calls
+    assert all(t == gguf.TokenType.NORMAL for i, t in enumerate(types) if i not in special | calls)
     spec = json.loads(tok.backend_tokenizer.to_str())
     assert field(r, "tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m
                                                  for m in spec["model"]["merges"]]
