@@ -79,6 +79,8 @@ class DataConfig:
                                        flag="--max-eval-samples")
     skip_invalid: bool = opt(False, "train on the valid rows and write the rest to rejected.jsonl "
                                     "instead of stopping", flag="--skip-invalid")
+    strict_tools: bool = opt(False, "reject conversations that call a function their tools do not declare "
+                                    "(by default such calls are counted in the log)", flag="--strict-tools")
     cache: bool = opt(True, "reuse the tokenized data an earlier run prepared from the same data, tokenizer, "
                             "template and max length (in $CHATTUNE_CACHE, default ~/.cache/chattune; checksummed); "
                             "--no-cache prepares afresh, reading none of datasets' caches either", flag="--cache")
