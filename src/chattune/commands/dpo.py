@@ -48,12 +48,15 @@ def run_dpo(cfg: Config) -> dict:
     """Preference-tune as `cfg` says (cfg.dpo: beta, loss type, precompute); returns the output directory, the
     final metrics and the held-out preference accuracy before and after."""
     from chattune.data.preferences import default_splits
+    from chattune.errors import ConfigError
     from chattune.evaluation.preferences import preference_summary
     from chattune.training import steps
     from chattune.training.args import dpo_args
     from chattune.training.rundir import check_output_dir
 
     cfg = validate(cfg)
+    if cfg.train.fixed_shapes or cfg.train.compile:
+        raise ConfigError("--fixed-shapes and --compile are not supported by chattune dpo yet; leave them off")
     check_output_dir(cfg)  # before any data or weights load (checked again under the lock)
     note = default_splits(cfg.data)
     if note:
@@ -64,6 +67,13 @@ def run_dpo(cfg: Config) -> dict:
         out = Path(cfg.train.output_dir)
         tokenizer, setup, data = prepare_pairs(cfg, out, state)
         device, precision = steps.device_and_precision(cfg)
+        if cfg.train.batch_size == "auto":
+            from chattune.model.batch_size import DEFAULT_MICRO
+
+            # the memory probe measures an SFT step; a DPO step (two replies per pair, a reference) differs
+            cfg.train.batch_size = DEFAULT_MICRO
+            log.info(f"batch size auto: {DEFAULT_MICRO} pairs per device (DPO does not probe memory; give "
+                     "--batch-size to choose)")
         log.info(f"device {device}, precision {precision}, max length {cfg.data.max_length}, beta {cfg.dpo.beta}, "
                  f"loss {cfg.dpo.loss_type}")
         if state.is_main_process:
