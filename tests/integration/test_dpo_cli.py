@@ -62,3 +62,30 @@ def test_bad_pairs_stop_with_a_report(tmp_path, run_cli, model_dir):
     assert "row 2: prompt: message 1 (assistant) has empty content" not in r.stderr  # blamed on the reply
     assert "row 2: chosen: message 1 (assistant) has empty content" in r.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, run_cli, trained_dir, ultrafeedback_dir):
+    import sys
+
+    import pytest
+
+    def dpo(out, batch, launcher):
+        r = run_cli("dpo", "--model", trained_dir, "--dataset", ultrafeedback_dir, "--output-dir", out,
+                    "--max-steps", 3, "--logging-steps", 1, "--lr", 1e-3, "--grad-accum", 2, "--batch-size", batch,
+                    "--max-eval-samples", 12, "--save-steps", 3, launcher=launcher, env=ONE_THREAD, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    one = dpo(tmp_path / "one", 4, [sys.executable])
+    two = dpo(tmp_path / "two", 2, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", "29573"])
+    train_one, train_two = ([(r["step"], r["loss"], r["rewards/margins"]) for r in x if "loss" in r] for x in
+                            (one, two))
+    assert [s for s, *_ in train_one] == [s for s, *_ in train_two] == [1, 2, 3]  # rank 0 writes once per step
+    for (_, la, ma), (_, lb, mb) in zip(train_one, train_two):
+        assert lb == pytest.approx(la, rel=1e-5) and mb == pytest.approx(ma, abs=1e-5)
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["preference"] for d in ("one", "two"))
+    for when in ("before", "after"):  # scored by rank 0 (in batches of --batch-size: float order differs)
+        assert a[when]["accuracy"] == b[when]["accuracy"]
+        assert a[when]["margin"] == pytest.approx(b[when]["margin"], abs=1e-4)
+    assert (tmp_path / "two" / "train.log").read_text().count("model saved to") == 1

@@ -84,7 +84,9 @@ def test_eval_fraction_with_an_eval_split_is_an_error_that_says_which_to_drop():
 def test_errors_name_the_flag_typed_and_the_key_of_a_yaml_value(tmp_path):
     with pytest.raises(ConfigError, match=r"^--lr must be positive, got -1.0$"):
         _parse(["--lr", "-1"])
-    with pytest.raises(ConfigError, match=r"^--batch-size: expected an integer"):
+    with pytest.raises(ConfigError, match=r"^--grad-accum: expected an integer"):
+        _parse(["--grad-accum", "many"])
+    with pytest.raises(ConfigError, match=r"^--batch-size must be a whole number or auto, got 'many'"):
         _parse(["--batch-size", "many"])
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr: -1\n")

@@ -152,8 +152,7 @@ def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Pat
     source = eval_split if eval_split is not None else train_split
     prompts = []
     if source is not None and source.format != "text":
-        prompts = sample_prompts(source.dataset.select(range(min(N_SAMPLES, len(source.dataset))))["messages"],
-                                 N_SAMPLES)
+        prompts = sample_prompts(source.dataset, N_SAMPLES)
     budget = sample_budget(tokenizer, prompts)
     baseline = None
     if getattr(cfg.train, "eval_baseline", True) and eval_rows is not None and tokenizer is not None:

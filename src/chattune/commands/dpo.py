@@ -48,11 +48,15 @@ def run_dpo(cfg: Config) -> dict:
     """Preference-tune as `cfg` says (cfg.dpo: beta, loss type, precompute); returns the output directory, the
     final metrics and the held-out preference accuracy before and after."""
     from chattune.data.preferences import default_splits
+    from chattune.errors import ConfigError
+    from chattune.evaluation.preferences import preference_summary
     from chattune.training import steps
     from chattune.training.args import dpo_args
     from chattune.training.rundir import check_output_dir
 
     cfg = validate(cfg)
+    if cfg.train.fixed_shapes or cfg.train.compile:
+        raise ConfigError("--fixed-shapes and --compile are not supported by chattune dpo yet; leave them off")
     check_output_dir(cfg)  # before any data or weights load (checked again under the lock)
     note = default_splits(cfg.data)
     if note:
@@ -63,6 +67,13 @@ def run_dpo(cfg: Config) -> dict:
         out = Path(cfg.train.output_dir)
         tokenizer, setup, data = prepare_pairs(cfg, out, state)
         device, precision = steps.device_and_precision(cfg)
+        if cfg.train.batch_size == "auto":
+            from chattune.model.batch_size import DEFAULT_MICRO
+
+            # the memory probe measures an SFT step; a DPO step (two replies per pair, a reference) differs
+            cfg.train.batch_size = DEFAULT_MICRO
+            log.info(f"batch size auto: {DEFAULT_MICRO} pairs per device (DPO does not probe memory; give "
+                     "--batch-size to choose)")
         log.info(f"device {device}, precision {precision}, max length {cfg.data.max_length}, beta {cfg.dpo.beta}, "
                  f"loss {cfg.dpo.loss_type}")
         if state.is_main_process:
@@ -71,6 +82,9 @@ def run_dpo(cfg: Config) -> dict:
         model = steps.build_model(cfg, tokenizer, setup, args)
         trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, out, resume)
         before = score(cfg, trainer, tokenizer, data, state)
+        if before is not None:
+            log.info("held-out preference accuracy of the starting model: {accuracy:.1%} of {pairs} pairs".format(
+                **preference_summary(*before)))
         result = steps.train(trainer, signals, control, resume, out, state)
         return finish(cfg, trainer, tokenizer, data, result, before, out, device, precision, state)
 
@@ -125,16 +139,13 @@ def build_trainer(cfg: Config, model, tokenizer, data, args, out: Path, resume: 
 
 def score(cfg: Config, trainer, tokenizer, data, state):
     """Log-probabilities of the held-out chosen and rejected replies under the model as it is now (rank 0)."""
-    from chattune.evaluation.preferences import preference_summary, score_pairs
+    from chattune.evaluation.preferences import score_pairs
 
     if data["eval_rows"] is None or not cfg.train.eval_baseline or not state.is_main_process:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
-    logps = score_pairs(model, data["eval_rows"], tokenizer.pad_token_id, cfg.train.eval_batch_size or
-                        cfg.train.batch_size)
-    log.info("held-out preference accuracy of the starting model: {accuracy:.1%} of {pairs} pairs".format(
-        **preference_summary(*logps)))
-    return logps
+    return score_pairs(model, data["eval_rows"], tokenizer.pad_token_id, cfg.train.eval_batch_size or
+                       cfg.train.batch_size)
 
 
 def _samples(split, before, after, n: int = N_SAMPLES) -> list[dict]:

@@ -2,7 +2,10 @@
 
 It builds a small GPT-2 and a chat data set that teaches two-digit addition (laid out like gpt2 and
 ultrachat_200k on the hub), fine-tunes with the same `train` code path as any run, and scores the
-exact-match rate of answers to held-out sums before and after training.
+exact-match rate of answers to held-out sums before and after training. `--task tools` does the same for
+tool calling (quickstart_tools.py): the model learns to call a calculator tool with the right arguments.
+`--task dpo` runs the two-stage recipe, SFT then `chattune dpo` (quickstart_dpo.py): DPO removes a behaviour
+the SFT data taught, declining sums asked as commands.
 """
 
 from __future__ import annotations
@@ -28,20 +31,28 @@ DEFAULT_STEPS = 900
 
 def add_arguments(p) -> None:
     p.add_argument("--output-dir", default="quickstart-out", help="where to build and train (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"optimizer steps (default: {DEFAULT_STEPS}; 1000 for --task tools)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier quickstart in --output-dir: it is moved (never deleted) to a new sibling "
                         "OUTPUT.replaced-DATE-TIME")
-    p.add_argument("--task", choices=("addition", "dpo"), default="addition",
-                   help="addition: answer sums (default); dpo: the two-stage recipe, fine-tuning on chat data that "
-                        "teaches the model to decline some sums, then `chattune dpo` on preference pairs that prefer "
-                        "the answer (--max-steps: the first stage)")
+    p.add_argument("--task", choices=("addition", "tools", "dpo"), default="addition",
+                   help="addition: answer sums (default); tools: call an add(a, b) tool with the right arguments and "
+                        "answer with its result; dpo: the two-stage recipe, fine-tuning on chat data that teaches the "
+                        "model to decline some sums, then `chattune dpo` on preference pairs that prefer the answer "
+                        "(--max-steps: the first stage)")
     p.add_argument("--dpo-steps", type=int, default=None, help="--task dpo: DPO optimizer steps (default: 60)")
 
 
 def run(args) -> int:
     check_max_steps(args.max_steps)  # before run_quickstart's heavy imports
-    if args.task == "dpo":
+    if getattr(args, "task", "addition") == "tools":
+        from chattune.commands.quickstart_tools import print_result
+
+        print_result(run_tool_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite),
+                     args.output_dir)
+        return 0
+    if getattr(args, "task", "addition") == "dpo":
         from chattune.commands.quickstart_dpo import print_summary
 
         check_max_steps(args.dpo_steps)
@@ -160,6 +171,43 @@ def _build_train_score(out: Path, max_steps: int | None, n_eval: int, splits: di
         "sample": samples[0], "description": "share of held-out two-digit sums (operand pairs never seen in "
                                              "training) answered exactly, greedy decoding",
     }
+    (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+@quiet
+def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | None = None, n_eval: int = 200,
+                        overwrite: bool = False) -> dict:
+    """`--task tools`: build the add(a, b) tool task and a base model, score held-out call accuracy, train, score
+    again (commands/quickstart_tools.py holds the task's parts). The folder is prepared as run_quickstart's."""
+    check_max_steps(max_steps)
+    from chattune.training.lock import RunLock
+
+    out = Path(output_dir)
+    with RunLock(out):
+        prepare_output_dir(out, overwrite)
+        return _build_train_score_tools(out, max_steps, n_eval)
+
+
+def _build_train_score_tools(out: Path, max_steps: int | None, n_eval: int) -> dict:
+    import torch
+
+    from chattune.commands import quickstart_tools as task
+    from chattune.commands.train import run_train
+    from chattune.model.hub import load_tokenizer
+    from chattune.model.load import load_model, load_prepared_base
+
+    started = time.perf_counter()
+    (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart --task tools"}))
+    held_out = task.build_assets(out, n_eval)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = task.tool_config(out, max_steps)
+    base, base_tok, _ = load_prepared_base(str(out / "base-model"), cfg.train.seed)
+    before = task.score(base, base_tok, held_out, n_eval)
+    log.info(f"before training: {task.METRIC} = {before['call_accuracy']:.1%}")
+    result = run_train(cfg)
+    after = task.score(load_model(str(out)), load_tokenizer(str(out)), held_out, n_eval)
+    report = task.report(before, after, result, cfg.train.max_steps, time.perf_counter() - started)
     (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
     return report
 

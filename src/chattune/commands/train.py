@@ -50,13 +50,36 @@ def run_train(cfg: Config) -> dict:
         tokenizer, setup, data = prepare_data(cfg, out, state)
         device, precision = steps.device_and_precision(cfg)
         log.info(f"device {device}, precision {precision}, max length {cfg.data.max_length}")
+        auto = cfg.train.batch_size == "auto"
+        if auto:
+            from chattune.model.batch_size import DEFAULT_MICRO
+
+            cfg.train.batch_size = DEFAULT_MICRO  # until the probe below, on CUDA, chooses
         if state.is_main_process:
             cfg.save(out)  # the resolved config (max length filled in); holds no secrets
         args = sft_args(cfg, precision, data.eval_rows is not None, use_cpu=device == "cpu")
         model = steps.build_model(cfg, tokenizer, setup, args)
+        if auto:
+            args = auto_batch_size(cfg, model, device, precision, state, out, data) or args
         trainer, signals, control = build_trainer(cfg, model, tokenizer, data, args, device, precision, out, resume)
         result = steps.train(trainer, signals, control, resume, out, state)
         return finish(cfg, trainer, tokenizer, data, result, out, device, precision)
+
+
+def auto_batch_size(cfg: Config, model, device: str, precision: str, state, out: Path, data):
+    """--batch-size auto: choose the layout (model/batch_size.py), log it, and return the Trainer's arguments for
+    it (None when it is the provisional one)."""
+    from chattune.model.batch_size import auto_layout
+    from chattune.training.args import sft_args
+
+    layout = auto_layout(model, cfg, device, precision, state.num_processes)
+    log.info(f"batch size auto: {layout.describe()}")
+    if (layout.batch, layout.accum) == (cfg.train.batch_size, cfg.train.grad_accum):
+        return None
+    cfg.train.batch_size, cfg.train.grad_accum = layout.batch, layout.accum
+    if state.is_main_process:
+        cfg.save(out)
+    return sft_args(cfg, precision, data.eval_rows is not None, use_cpu=device == "cpu")
 
 
 def prepare_data(cfg: Config, out: Path, state):
@@ -82,9 +105,18 @@ def prepare_data(cfg: Config, out: Path, state):
     return tokenizer, setup, data
 
 
+def training_collator(cfg: Config, tokenizer, device: str):
+    """Right-padded batches that also carry what the host knows about them (collate.py); on CUDA lengths padded
+    to multiples of 8 (tensor cores), or to a few fixed lengths with --fixed-shapes (a compiled step)."""
+    from chattune.data.collate import PadCollator, length_buckets
+
+    buckets = length_buckets(cfg.data.max_length) if cfg.train.fixed_shapes or cfg.train.compile else None
+    return PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None, host_facts=True,
+                       buckets=buckets)
+
+
 def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precision: str, out: Path,
                   resume: str | None = None):
-    from chattune.data.collate import PadCollator
     from chattune.model.memory import estimate, report
     from chattune.training import early_stop, steps
     from chattune.training.callbacks import MetricsLogger
@@ -94,7 +126,7 @@ def build_trainer(cfg: Config, model, tokenizer, data, args, device: str, precis
     signals, control = steps.guards(cfg)
     trainer = ChattuneTrainer(
         model=model, args=args, train_dataset=data.train_rows, eval_dataset=data.eval_rows, processing_class=tokenizer,
-        data_collator=PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device == "cuda" else None),
+        data_collator=training_collator(cfg, tokenizer, device),
         callbacks=[MetricsLogger(out), control, ResumeCheck(resume), *early_stop.callbacks(cfg)],
     )
     report(estimate(trainer.model, cfg.train.batch_size, cfg.data.max_length, precision,

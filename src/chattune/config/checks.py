@@ -22,7 +22,9 @@ from chattune.errors import ConfigError
 def validate(cfg: Config) -> Config:
     """Range and consistency checks; each error names its field."""
     t, d = cfg.train, cfg.data
-    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+    if isinstance(t.batch_size, str) and t.batch_size != "auto":
+        raise ConfigError(f"train.batch_size must be a whole number or auto, got {t.batch_size!r}")
+    positive = {"train.batch_size": 1 if t.batch_size == "auto" else t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.logging_steps": t.logging_steps}
     for name, v in positive.items():
         if v < 1:
@@ -46,7 +48,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     if t.weight_decay < 0 or t.max_grad_norm < 0:
         raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
-    if t.num_workers < 0:
+    if t.num_workers is not None and t.num_workers < 0:
         raise ConfigError(f"train.num_workers must be >= 0, got {t.num_workers}")
     if t.attention_dropout is not None and not 0 <= t.attention_dropout < 1:
         raise ConfigError(f"train.attention_dropout must be in [0, 1), got {t.attention_dropout}")

@@ -79,6 +79,8 @@ class DataConfig:
                                        flag="--max-eval-samples")
     skip_invalid: bool = opt(False, "train on the valid rows and write the rest to rejected.jsonl "
                                     "instead of stopping", flag="--skip-invalid")
+    strict_tools: bool = opt(False, "reject conversations that call a function their tools do not declare "
+                                    "(by default such calls are counted in the log)", flag="--strict-tools")
     cache: bool = opt(True, "reuse the tokenized data an earlier run prepared from the same data, tokenizer, "
                             "template and max length (in $CHATTUNE_CACHE, default ~/.cache/chattune; checksummed); "
                             "--no-cache prepares afresh, reading none of datasets' caches either", flag="--cache")
@@ -90,7 +92,9 @@ class TrainConfig:
     epochs: float = opt(1.0, "passes over the training data", flag="--epochs")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)",
                                 flag="--max-steps")
-    batch_size: int = opt(4, "conversations per device per forward pass", flag="--batch-size")
+    batch_size: int | str = opt("auto", "conversations per device per forward pass; auto: 4 without a GPU, on CUDA "
+                                        "the largest that fits with the global batch (4 x --grad-accum) kept, "
+                                        "accumulation lowered to match", flag="--batch-size")
     eval_batch_size: int | None = opt(None, "evaluation batch size (default: --batch-size)",
                                       flag="--eval-batch-size")
     grad_accum: int = opt(1, "forward passes per optimizer step", flag="--grad-accum")
@@ -121,7 +125,12 @@ class TrainConfig:
                                       "batches become less random)", flag="--group-by-length")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory",
                                        flag="--gradient-checkpointing")
-    num_workers: int = opt(0, "data-loader worker processes", flag="--num-workers")
+    fixed_shapes: bool = opt(False, "pad batches to a few fixed lengths and loss-row counts, so a compiled step "
+                                    "(--compile) sees few shapes; exact (padded rows carry no loss)",
+                             flag="--fixed-shapes")
+    compile: bool = opt(False, "torch.compile the model (CUDA; implies --fixed-shapes)", flag="--compile")
+    num_workers: int | None = opt(None, "data-loader worker processes (default: 2 on CUDA, collating the next "
+                                        "batches while the GPU computes; 0 elsewhere)", flag="--num-workers")
     attention_dropout: float | None = opt(0.0, "attention-probability dropout while training (null: the model's "
                                                "own, gpt2's 0.1). 0 lets PyTorch's fused attention run, which on a "
                                                "CPU cut a step's time by about a third and its memory by 0.8 GiB "

@@ -116,7 +116,7 @@ def preference_splits(n_train: int = 2000, n_test: int = 200, seed: int = 0, wro
     # columns in ultrafeedback_binarized's order
     order = ["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected"]
     return {split: [{k: row[k] for k in order} for row in
-                    (preference_row(rng, addition._pairs(held_out), wrong_share) for _ in range(n))]
+                    (preference_row(rng, addition.operand_pairs(held_out), wrong_share) for _ in range(n))]
             for split, n, held_out in (("train_prefs", n_train, False), ("test_prefs", n_test, True))}
 
 

@@ -76,31 +76,53 @@ class StepControl(TrainerCallback):
     def __init__(self, signals: StopSignals | None = None, save_minutes: float | None = None):
         self.signals = signals
         self.save_seconds = save_minutes * 60 if save_minutes else None
-        self._bad = None  # a tensor flag: checking it every micro-batch would sync the GPU each time
+        # flags kept on the device: reading one back makes the host wait for the GPU, so the first bad step is
+        # tracked there and read only when something depends on it (a log, an evaluation, a save, the end)
+        self._bad = None  # this step's micro-batches
+        self._first_bad = None  # the first step whose loss was not finite, or -1
         self._last_save = time.monotonic()
         self.nonfinite_step: int | None = None
         self.stopped_at: int | None = None
         self.stop_signal: int | None = None
+        self.reads = 0  # how many times the flag was read back (tests)
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Called by the trainer with every micro-batch's loss."""
         bad = ~torch.isfinite(loss.detach()).all()
         self._bad = bad if self._bad is None else (self._bad | bad)
 
+    def _first_nonfinite_step(self, step: int, read: bool) -> int | None:
+        """Fold this step's flag into the first bad step (on the device); read it back only if `read`."""
+        if self._bad is not None:
+            if self._first_bad is None:
+                self._first_bad = torch.full((), -1, dtype=torch.long, device=self._bad.device)
+            self._first_bad = torch.where(self._bad & (self._first_bad < 0), step, self._first_bad)
+            self._bad = None
+        if not read or self._first_bad is None:
+            return None
+        self.reads += 1
+        first = int(self._first_bad.item())
+        return first if first >= 0 else None
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_save = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        bad = bool(self._bad.item()) if self._bad is not None else False
-        self._bad = None
         signalled = self.signals is not None and self.signals.received is not None
         due = self.save_seconds is not None and time.monotonic() - self._last_save >= self.save_seconds
-        bad, signalled, due = any_rank([bad, signalled, due], args.device)
+        multi = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # the Trainer's flow callback has already set this step's log/evaluate/save/stop decisions; a signal or the
+        # timer asks for a save too: the flag is read before any of them
+        read = (multi or signalled or due or control.should_log or control.should_evaluate or control.should_save
+                or control.should_training_stop or state.global_step >= state.max_steps > 0)
+        first_bad = self._first_nonfinite_step(state.global_step, read)
+        bad, signalled, due = any_rank([first_bad is not None, signalled, due], args.device)
         if bad:
-            self.nonfinite_step = state.global_step
+            self.nonfinite_step = first_bad if first_bad is not None else state.global_step  # another rank's
             control.should_training_stop = True
             control.should_save = False
             control.should_evaluate = False
+            control.should_log = True  # the log shows the NaN
         elif signalled:
             self.stopped_at = state.global_step
             self.stop_signal = (self.signals.received if self.signals and self.signals.received
@@ -113,8 +135,14 @@ class StepControl(TrainerCallback):
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        if self.nonfinite_step is None and (control.should_save or control.should_evaluate):
+            first_bad = self._first_nonfinite_step(state.global_step, read=True)
+            if first_bad is not None:
+                self.nonfinite_step = first_bad
+                control.should_training_stop = True
         if self.nonfinite_step is not None:
             control.should_save = False  # the epoch-end save would write the broken weights
+            control.should_evaluate = False
         if self.stopped_at is not None:
             # the loop ends the epoch after a stop: its evaluation would delay the exit, and the step's save is done
             control.should_evaluate = False

@@ -102,6 +102,22 @@ def test_skip_invalid_trains_on_the_valid_pairs_and_records_the_rest(tmp_path, t
     assert json.loads((tmp_path / "out" / "results.json").read_text())["data"]["train"]["pairs"] == 15
 
 
+def test_resume_continues_from_the_newest_complete_checkpoint(tmp_path, trained_dir, ultrafeedback_dir):
+    import shutil
+
+    out = tmp_path / "out"
+    cfg = _cfg(trained_dir, ultrafeedback_dir, out, save_steps=2, eval_steps=None)
+    cfg.train.eval_baseline = False
+    run_dpo(cfg)
+    shutil.rmtree(out / "checkpoint-4")  # as if the run had stopped after step 2
+    cfg.train.resume = True
+    r = run_dpo(cfg)
+    assert r["train"]["global_step"] == 4
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_yaml_and_flags_share_the_schema_with_dpo_defaults(tmp_path):
     parser = build_parser("dpo")
     cfg = config_from_args(parser.parse_args(["dpo", "--beta", "0.1"]), defaults())
