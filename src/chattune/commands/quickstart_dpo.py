@@ -23,7 +23,7 @@ SFT_DIR, PREFS_DIR = "sft", "prefs"
 # DPO for the demo (docs/dpo-quickstart.md has the measurements): the tiny model, trained from scratch, takes a
 # learning rate at the quickstart's scale, not the 1e-6 of `chattune dpo`'s defaults for pre-trained models; and
 # the loss adds the chosen replies' NLL to DPO's (TRL's sigmoid,sft: RPO). Plain DPO at this rate drives the
-# hedges' log-probability to -100 and the right answers' down with it: declining stops but exact match falls.
+# hedges' log-probability to about -120 and the right answers' down with it: declining stops but exact match falls.
 DPO_STEPS, DPO_LR, DPO_BETA, DPO_BATCH, DPO_LOSS = 60, 1e-4, 0.1, 32, "sigmoid,sft"
 N_TRAIN_PAIRS = 2000
 
