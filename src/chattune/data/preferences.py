@@ -167,9 +167,10 @@ def preference_columns(source: str, split: str, config_name=None, revision=None)
 
 def load_preferences(source: str, split: str, fmt: str = "auto", columns: dict | None = None,
                      config_name: str | None = None, revision: str | None = None, skip_invalid: bool = False,
-                     max_samples: int | None = None) -> LoadedSplit:
+                     max_samples: int | None = None, strict_tools: bool = False) -> LoadedSplit:
     """One split of a source as canonical pairs, every row checked (load_conversations' signature, so the
-    mixture code reads preference sources as it reads chat ones; `fmt` is accepted for that signature)."""
+    mixture code reads preference sources as it reads chat ones; `fmt` and `strict_tools` are accepted for that
+    signature: pairs are compared as role/content messages)."""
     from datasets import Dataset
 
     columns = columns or {}

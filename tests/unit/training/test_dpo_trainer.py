@@ -31,7 +31,7 @@ def _one_thread(one_torch_thread):
 
 def _pairs(n=6, seed=3):
     rng = random.Random(seed)
-    convs = [addition.conversation(rng, addition._pairs(False)) for _ in range(n)]
+    convs = [addition.conversation(rng, addition.operand_pairs(False)) for _ in range(n)]
     return [to_canonical_pair(r)[0] for r in preference_rows(convs)]
 
 
