@@ -27,7 +27,8 @@ def test_hub_layout_splits_and_columns(tmp_path):
     from datasets import load_dataset
 
     root = prefs.write_preference_data(tmp_path / "prefs", n_train=30, n_test=10)
-    assert "split: train_prefs" in (root / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert "split: train_prefs" in readme and "ultrafeedback_binarized" in readme
     assert pq.read_table(root / "data" / "train_prefs-00000-of-00001.parquet").column_names == COLUMNS
     loaded = load_dataset(str(root))  # as the hub's ultrafeedback_binarized loads: by its README's configs
     assert set(loaded) == {"train_prefs", "test_prefs"}
