@@ -203,6 +203,46 @@ def trained_dir(tmp_path_factory, model_dir, ultrachat_dir) -> Path:
     return out
 
 
+def preference_rows(conversations: list[list[dict]]) -> list[dict]:
+    """ultrafeedback_binarized rows from addition conversations: chosen is the conversation, rejected the same with
+    the last sum off by ten; prompt (the first user turn), prompt_id, messages and the scores as on the hub."""
+    rows = []
+    for i, msgs in enumerate(conversations):
+        right = addition.answer_of(msgs[-1]["content"])
+        wrong = msgs[:-1] + [{"role": "assistant", "content": msgs[-1]["content"].replace(f"= {right}.",
+                                                                                          f"= {right + 10}.")}]
+        first_user = next(m["content"] for m in msgs if m["role"] == "user")
+        rows.append({"prompt": first_user, "prompt_id": str(i), "chosen": msgs, "rejected": wrong, "messages": msgs,
+                     "score_chosen": 9.0, "score_rejected": 2.0})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def ultrafeedback_dir(tmp_path_factory, splits) -> Path:
+    """A local preference data set laid out like HuggingFaceH4/ultrafeedback_binarized (train_prefs/test_prefs)."""
+    return assets.write_hub_layout({"train_prefs": preference_rows([r["messages"] for r in splits["train_gen"]]),
+                                    "test_prefs": preference_rows([r["messages"] for r in splits["test_gen"]])},
+                                   tmp_path_factory.mktemp("ultrafeedback"))
+
+
+@pytest.fixture()
+def chat_model(model_dir):
+    """(model, tokenizer): the tiny GPT-2 with chattune's chat template and tokens, as `chattune train` prepares
+    it (a fresh copy per test)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chattune.data.template import prepare_tokenizer
+    from chattune.model.load import fit_model_to_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    setup = prepare_tokenizer(tok)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    fit_model_to_tokenizer(model, tok, setup)
+    return model, tok
+
+
 TOOL_QUESTION = "What is 12 + 34?"
 TOOL_RESULT = '{"result": 46}'
 TOOL_ORDER = "Add 20 and 22."  # answered with a call alone: add(20, 22), then "The sum of 20 and 22 is 42."

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from chattune.artifacts.render import fmt_number, metric_rows, read_json, render
+from chattune.artifacts.render import fmt_number, metric_rows, preference_rows, read_json, render
 from chattune.config import read_saved
 from chattune.outputs import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REPORT_FILE, RESULTS_FILE, TASK_SCORE_FILE
 
@@ -92,7 +92,8 @@ def build_card(model_dir: Path, repo_id: str, samples: bool = True) -> str:
     hub_sets = [h for h in dict.fromkeys(hub_id(name) for name, _ in sources) if h]
     meta = ModelCardData(library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
                          base_model=hub_id(base), datasets=hub_sets or None,
-                         tags=["chattune", "trl", "sft", "conversational"] + (["lora"] if adapter else []))
+                         tags=["chattune", "trl", "dpo" if results.get("dpo") else "sft", "conversational"]
+                         + (["lora"] if adapter else []))
     data = (_describe(sources[0][0], "dataset") if len(sources) == 1 else
             "a mix of " + ", ".join(f"{_describe(n, 'dataset')} (split `{sp}`)" for n, sp in sources)
             if sources else "unknown")
@@ -101,11 +102,13 @@ def build_card(model_dir: Path, repo_id: str, samples: bool = True) -> str:
     report = model_dir / REPORT_FILE
     n_samples, samples_from = report_samples(report.read_text(encoding="utf-8", errors="replace")) \
         if report.is_file() else (0, "")
+    dpo = results.get("dpo")  # a `chattune dpo` run: preference pairs and preference metrics
     body = render("model_card.md.jinja", name=repo_id.split("/")[-1], base=_describe(base), data=data,
-                  sources=sources, eval_split=d.get("eval_split"),
+                  sources=sources, eval_split=d.get("eval_split"), dpo=dpo,
                   data_stats=[(k, s) for k, s in (results.get("data") or {}).items() if s],
                   max_length=results.get("max_length"), hyperparameters=_hyperparameters(t, d, results, base) if t
-                  else [], metrics=metric_rows(final, before), has_baseline=bool(before),
+                  else [], metrics=preference_rows(results) if dpo else metric_rows(final, before),
+                  has_baseline=bool(before) or bool(dpo),
                   task=task if {"metric", "before", "after"} <= set(task) else None,
                   has_report=report.is_file(), repo_id=repo_id, adapter=adapter, local_base=local_base,
                   n_samples=n_samples, samples_from=samples_from, samples_uploaded=samples)

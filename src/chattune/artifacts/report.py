@@ -41,7 +41,8 @@ def markers(n_points: int) -> dict:
     return {"marker": "o", "markersize": 4} if n_points < 30 else {}
 
 
-def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: float | None = None) -> list[tuple]:
+def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: float | None = None,
+                loss_label: str = "mean loss per token") -> list[tuple]:
     """Write the plots; returns (alt text, relative path) for each one written."""
     import matplotlib
 
@@ -63,7 +64,7 @@ def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: 
         positive = [v for v in values if v and v > 0]
         if positive and max(positive) / min(positive) > 20:
             ax.set_yscale("log")  # a random-init baseline would flatten the curves on a linear axis
-        ax.set(xlabel="optimizer step", ylabel="mean loss per token", title="Loss")
+        ax.set(xlabel="optimizer step", ylabel=loss_label, title="Loss")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

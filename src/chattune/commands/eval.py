@@ -38,12 +38,39 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from chattune.evaluation.preferences import format_preference_report
+
     result = run_eval(args.model, dataset=args.dataset, split=args.split, config_name=args.dataset_config,
                       fmt=args.format, max_samples=args.max_samples, max_length=args.max_length,
                       batch_size=args.batch_size, baseline=args.baseline, samples=args.samples,
                       sample_tokens=args.sample_tokens, device=args.device, tool_turns=args.tool_turns)
-    print(json.dumps(jsonable(result), indent=2, ensure_ascii=False) if args.json else format_report(result))
+    text = format_preference_report(result) if "preference" in result else format_report(result)
+    print(json.dumps(jsonable(result), indent=2, ensure_ascii=False) if args.json else text)
     return 0
+
+
+def preference_split(model_path, dataset, split, config_name, max_samples):
+    """The split to score when it holds preference pairs (chosen and rejected columns), else None: as given, or
+    the run's own (a `chattune dpo` output names its data set and evaluation split)."""
+    from chattune.data import list_splits
+    from chattune.data.preferences import PREFERENCE_SPLITS, is_preference_data, load_preferences, preference_columns
+
+    saved = read_saved(model_path).get("data") or {}
+    same = dataset is None or dataset == saved.get("dataset")
+    dataset = dataset or saved.get("dataset")
+    if not dataset:
+        return None
+    config_name = config_name or (saved.get("config_name") if same else None)
+    if split is None:
+        available = list_splits(dataset, config_name)
+        split = (saved.get("eval_split") if same and saved.get("eval_split") in available else
+                 PREFERENCE_SPLITS[1] if PREFERENCE_SPLITS[1] in available else
+                 available[0] if len(available) == 1 else None)
+        if split is None:
+            return None  # the chat-data path asks for --split
+    if not is_preference_data(preference_columns(dataset, split, config_name)):
+        return None
+    return load_preferences(dataset, split, config_name=config_name, max_samples=max_samples)
 
 
 def eval_data(model_path, dataset, split, config_name, fmt, max_samples):
@@ -100,6 +127,12 @@ def run_eval(model_path: str, dataset: str | None = None, split: str | None = No
             tool_turns < 0:
         raise ChattuneError("--batch-size, --sample-tokens and --max-samples must be at least 1, --samples and "
                             "--tool-turns >= 0")
+    prefs = preference_split(model_path, dataset, split, config_name, max_samples)
+    if prefs is not None:  # preference pairs: preference accuracy (and the implicit reward against --baseline)
+        from chattune.evaluation.preferences import evaluate_preferences
+
+        return evaluate_preferences(model_path, prefs, max_length, batch_size, baseline, device,
+                                    seed=(read_saved(model_path).get("train") or {}).get("seed", 42))
     data = eval_data(model_path, dataset, split, config_name, fmt, max_samples)
     device = device or pick_device()
     saved = read_saved(model_path)

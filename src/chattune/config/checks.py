@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typing
 
-from chattune.config.schema import FORMATS, SECTIONS, TRACKERS, Config, DataConfig, DatasetEntry, TrainConfig, fields_of
+from chattune.config.schema import (
+    DPO_LOSS_TYPES,
+    FORMATS,
+    SECTIONS,
+    TRACKERS,
+    Config,
+    DataConfig,
+    DatasetEntry,
+    TrainConfig,
+    fields_of,
+)
 from chattune.config.values import _coerce
 from chattune.errors import ConfigError
 
@@ -66,7 +76,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("lora.target_modules is empty: name modules, use all-linear, or leave it unset")
     if lo.merge and not (lo.enabled or lo.qlora):
         raise ConfigError("lora.merge (--merge) needs an adapter run: add --lora or --qlora")
+    _check_dpo(cfg)
     return cfg
+
+
+def _check_dpo(cfg: Config) -> None:
+    dpo = cfg.dpo
+    if not dpo.beta > 0:
+        raise ConfigError(f"dpo.beta must be positive, got {dpo.beta}")
+    unknown = [t for t in dpo.loss_types() if t not in DPO_LOSS_TYPES]
+    if unknown or not dpo.loss_types():
+        raise ConfigError(f"dpo.loss_type: unknown {', '.join(unknown) or 'empty value'}; use one of "
+                          f"{', '.join(DPO_LOSS_TYPES)}, or several joined by commas (e.g. sigmoid,sft)")
 
 
 def _check_tracking_and_stopping(t: TrainConfig) -> None:

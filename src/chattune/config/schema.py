@@ -164,12 +164,37 @@ class LoraConfig:
                       flag="--merge")
 
 
+# TRL's DPO loss types (DPOConfig.loss_type); several joined by commas are summed (sigmoid,sft: RPO)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# `chattune dpo`'s own defaults for train.*: SmolLM2's DPO of its 135M/360M models (alignment-handbook
+# recipes/smollm2), the published recipe closest to chattune's small models; Zephyr-7B used beta 0.01, lr 5e-7,
+# 1 epoch (docs/dpo.md)
+DPO_TRAIN_DEFAULTS = {"lr": 1e-6, "epochs": 2.0}
+
+
+@dataclass
+class DpoConfig:
+    """`chattune dpo` only (preference tuning); `chattune train` ignores it."""
+
+    beta: float = opt(0.5, "DPO beta: how strongly the model is held to the reference (the starting model); "
+                           "SmolLM2's small-model recipe used 0.5, Zephyr-7B 0.01", flag="--beta")
+    loss_type: str = opt("sigmoid", f"TRL's DPO loss: {', '.join(DPO_LOSS_TYPES)}; several joined by commas are "
+                                    "summed (sigmoid,sft adds the chosen replies' NLL: RPO)", flag="--loss-type")
+    precompute_ref: bool = opt(False, "score the pairs with the starting model once before training instead of "
+                                      "keeping a reference copy in memory", flag="--precompute-ref")
+
+    def loss_types(self) -> list[str]:
+        return [t.strip() for t in self.loss_type.split(",") if t.strip()]
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,7 +207,8 @@ class Config:
         return path
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
+                              "dpo": DpoConfig}
 
 
 def fields_of(section_cls) -> dict[str, tuple[dataclasses.Field, Any]]:

@@ -201,12 +201,13 @@ def format_inspect(r: dict, colour: bool | None = None) -> str:
     return "\n".join(lines)
 
 
-def validate_data(cfg) -> dict:
+def validate_data(cfg, loader=None) -> dict:
     """Every check training runs on its data, without a model: per split the valid and invalid row
-    counts, and the problems by kind (an unusable source raises, as training would)."""
+    counts, and the problems by kind (an unusable source raises, as training would). `loader` reads a split
+    (preferences.load_preferences for preference pairs; default: chat data)."""
     cfg = copy.deepcopy(cfg)  # the caller's config is left as given
     cfg.data.skip_invalid = True  # collect every problem instead of stopping at the first split
-    splits = [s for s in load_training_data(cfg) if s is not None]
+    splits = [s for s in (load_training_data(cfg, loader) if loader else load_training_data(cfg)) if s is not None]
     problems = [p for s in splits for p in s.rejected]
     result = {"ok": not problems,
               "splits": [{"name": s.name, "format": s.format, "valid": len(s.dataset), "invalid": len(s.rejected)}
@@ -222,7 +223,8 @@ def validate_data(cfg) -> dict:
 
 
 def format_validate(r: dict) -> str:
-    lines = [f"{s['name']}: {s['valid']} valid conversations, format {s['format']}"
+    lines = [f"{s['name']}: {s['valid']} valid {'pairs' if s['format'] == 'preference' else 'conversations'}, "
+             f"format {s['format']}"
              + (f", {s['invalid']} invalid" if s["invalid"] else "") for s in r["splits"]]
     undeclared = r.get("undeclared_tool_calls")
     if undeclared:  # not a problem by default: counted, and an error with --strict-tools

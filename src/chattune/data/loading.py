@@ -56,14 +56,21 @@ def concat_splits(datasets: list, formats: set, name: str, rejected: list, ignor
     """Canonical datasets of one or several sources as one split; plain text cannot join chat data."""
     from datasets import concatenate_datasets
 
+    if "preference" in formats and len(formats) > 1:
+        raise DataError(f"{name}: preference pairs cannot be mixed with chat data in one run (formats found: "
+                        f"{', '.join(sorted(formats))})")
     if "text" in formats and len(formats) > 1:
         raise DataError(f"{name}: plain-text (continued pre-training) data cannot be mixed with chat data in one "
                         f"run (formats found: {', '.join(sorted(formats))})")
     if len(datasets) > 1:
-        wide = any("tools" in d.column_names for d in datasets)
-        target = canonical_features("text" if formats == {"text"} else "messages", tools=wide)
-        # plain chat joining tool data gets the tool fields, all null (datasets' cast adds missing struct fields)
-        datasets = [d if d.features == target else _with_tools_column(d, wide).cast(target) for d in datasets]
+        if formats == {"preference"}:  # preferences.py: canonical pairs, no tool fields
+            target = canonical_features("preference")
+            datasets = [d if d.features == target else d.cast(target) for d in datasets]
+        else:
+            wide = any("tools" in d.column_names for d in datasets)
+            target = canonical_features("text" if formats == {"text"} else "messages", tools=wide)
+            # plain chat joining tool data gets the tool fields, all null (datasets' cast adds missing struct fields)
+            datasets = [d if d.features == target else _with_tools_column(d, wide).cast(target) for d in datasets]
     info = {"ignored_columns": sorted(ignored)} if ignored else {}
     if undeclared:
         info["undeclared_tool_calls"] = undeclared
@@ -85,7 +92,10 @@ def canonical_features(fmt: str, tools: bool = False):
     if tools:
         fields = {k: Value("string") for k in ("role", "content", "tool_calls", "tool_call_id", "name")}
         return Features({"messages": List(fields), "tools": Value("string")})
-    return Features({"messages": List({"role": Value("string"), "content": Value("string")})})
+    messages = List({"role": Value("string"), "content": Value("string")})
+    if fmt == "preference":  # preferences.py: the canonical pair
+        return Features({"prompt": messages, "chosen": messages, "rejected": messages})
+    return Features({"messages": messages})
 
 
 def has_tool_schema(ds) -> bool:
@@ -306,7 +316,8 @@ def _content_key(value) -> int:
 def holdout_split(ds, fraction: float):
     """Deterministic held-out split by content hash: the same data always splits the same way, and
     a conversation that appears twice is never on both sides."""
-    col = "text" if "text" in ds.column_names else "messages"
+    # preference pairs by their prompt: pairs on one prompt never straddle the split
+    col = next(c for c in ("text", "prompt", "messages") if c in ds.column_names)
     keys = np.array([_content_key(v) for batch in ds.select_columns([col]).iter(batch_size=4096)
                      for v in batch[col]], dtype=np.uint64)
     cut = np.uint64(min(int(fraction * 2**64), 2**64 - 1))

@@ -50,14 +50,15 @@ def _combine(parts: list, name: str):
                          [n for _, s in parts for n in s.info.get("undeclared_tool_calls", [])])
 
 
-def load_training_data(cfg):
+def load_training_data(cfg, loader=load_conversations):
     """Train and eval splits as canonical conversations, validated, before any model is loaded; with
-    data.cache off (--no-cache), read without any of datasets' caches."""
+    data.cache off (--no-cache), read without any of datasets' caches. `loader` reads one split of one source
+    (load_conversations' signature; preferences.load_preferences for preference pairs)."""
     with contextlib.nullcontext() if cfg.data.cache else fresh_reads():
-        return _load_training_data(cfg)
+        return _load_training_data(cfg, loader)
 
 
-def _load_training_data(cfg):
+def _load_training_data(cfg, load_conversations=load_conversations):
     d = cfg.data
     specs = sources(d)
     mixed = bool(d.datasets)

@@ -60,6 +60,13 @@ FIXES = {
                        "only count such calls",
     "no assistant reply": "end each conversation with the assistant's reply: it is what the model learns",
     "invalid text": "give every row a non-empty string in the text column",
+    # preference pairs (preferences.py)
+    "missing chosen": "give every row a chosen reply next to the rejected one",
+    "missing rejected": "give every row a rejected reply next to the chosen one",
+    "identical chosen and rejected": "remove pairs whose two replies are the same text: they carry no preference",
+    "not ending with an assistant reply": "end chosen and rejected with the assistant reply being compared",
+    "prompts differ": "chosen and rejected must share the conversation before the last reply; fix or remove the row",
+    "no prompt": "give the row a prompt (a string, or the messages before the reply)",
 }
 
 

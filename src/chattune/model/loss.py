@@ -41,13 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk_rows):
                 h, y = hidden[s:s + chunk_rows].to(matmul_dtype), targets[s:s + chunk_rows]
-                logits = buffer[:len(y)]
-                if matmul_dtype == torch.float32:
-                    torch.mm(h, w.t(), out=logits)
-                else:
-                    logits.copy_(h @ w.t())
-                if bias is not None:
-                    logits += bias.float()
+                logits = logits_into(h, w, bias, buffer[:len(y)])
                 target_logit = logits.gather(1, y[:, None]).squeeze(1)
                 # softmax in place with a single exp per element: the elementwise passes over the
                 # (rows, vocab) block are the part of the head that is not matmul
@@ -85,6 +79,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         gb = (grad_b * grad_out).to(ctx.bias_dtype) if grad_b is not None else None
         return gh, gw, gb, None, None, None, None
+
+
+def logits_into(h, w, bias, out):
+    """h @ w^T (+ bias) written into the float32 buffer `out` (one allocation reused for every chunk)."""
+    if h.dtype == torch.float32:
+        torch.mm(h, w.t(), out=out)
+    else:
+        out.copy_(h @ w.t())
+    if bias is not None:
+        out += bias.float()
+    return out
 
 
 def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int | None = None, row_weights=None):

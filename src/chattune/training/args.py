@@ -87,3 +87,15 @@ def sft_args(cfg, precision: str, has_eval: bool, use_cpu: bool):
     # the data arrives tokenized, with labels; TRL must not re-tokenize, truncate or pack it
     return SFTConfig(**trainer_kwargs(cfg, precision, has_eval, use_cpu), dataset_kwargs={"skip_prepare_dataset": True},
                      max_length=None, packing=False)
+
+
+def dpo_args(cfg, precision: str, has_eval: bool, use_cpu: bool):
+    """TRL's DPOConfig for chattune's preference rows (tokenized and cut to data.max_length already: the
+    collator's own cut is a no-op safety net). Precision and gradient checkpointing come from chattune's config
+    like every other setting (TRL's own defaults are bf16, also on a CPU, and checkpointing on)."""
+    from trl import DPOConfig
+
+    d = cfg.dpo
+    return DPOConfig(**trainer_kwargs(cfg, precision, has_eval, use_cpu), max_length=cfg.data.max_length,
+                     beta=d.beta, loss_type=d.loss_types(), precompute_ref_log_probs=d.precompute_ref,
+                     disable_dropout=True)

@@ -238,3 +238,15 @@ def interrupted_error(control: StepControl, out, quiet: bool = False) -> Trainin
     saved = f"checkpoint saved to {found}" if found is not None else "no checkpoint could be saved"
     return TrainingInterrupted(f"interrupted by {name} at step {control.stopped_at}: {saved}; resume with: "
                                f"{resume_command()}", control.stop_signal, quiet=quiet)
+
+
+class GuardedSteps:
+    """Trainer mixin: every micro-batch loss goes to the run's StepControl, which stops the run at the step
+    whose loss is not finite (every chattune trainer: SFT, DPO)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StepControl):
+                callback.observe_loss(loss)
+        return loss

@@ -216,8 +216,8 @@ def save(cfg, trainer, tokenizer, out: Path, results: dict) -> None:
         raise ChattuneError(f"the model is saved in {out}, but {out / RESULTS_FILE} could not be written: "
                             f"{e.strerror}") from e
     final = results.get("eval") or {}
-    log.info(f"model saved to {out}" + (f"; eval loss {final['eval_loss']:.4f}, perplexity "
-                                         f"{final['eval_perplexity']:.2f}" if "eval_loss" in final else ""))
+    log.info(f"model saved to {out}" + (f"; eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "")
+             + (f", perplexity {final['eval_perplexity']:.2f}" if "eval_perplexity" in final else ""))
     if lora and cfg.lora.merge:
         merged = adapters.merge_adapter(out, out / MERGED_DIR, overwrite=True,
                                         trust_remote_code=cfg.model.trust_remote_code)

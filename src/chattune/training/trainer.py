@@ -28,13 +28,15 @@ from chattune.model.speed import (
 )
 from chattune.training.checkpoints import AtomicCheckpoints
 from chattune.training.distributed import pad_to_even_shards
-from chattune.training.interrupts import StepControl
+from chattune.training.interrupts import GuardedSteps
 from chattune.training.metrics import evaluate_batches, summarize
-from chattune.training.sampling import length_grouped_sampler
+from chattune.training.sampling import LengthGroupedSampling
 from chattune.training.tracking import ThroughputLog
 
 
-class ChattuneTrainer(ThroughputLog, AtomicCheckpoints, SFTTrainer):
+# GuardedSteps: each micro-batch loss to the NaN guard; LengthGroupedSampling: batches grouped over the global batch,
+# in an order fixed by (seed, epoch), so N processes and a resumed run see the same batches as one uninterrupted run
+class ChattuneTrainer(GuardedSteps, LengthGroupedSampling, ThroughputLog, AtomicCheckpoints, SFTTrainer):
     def __init__(self, *args, **kwargs):
         model = kwargs["model"]
         self.selective = fast_loss_supported(model)
@@ -77,13 +79,6 @@ class ChattuneTrainer(ThroughputLog, AtomicCheckpoints, SFTTrainer):
             loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss}) if return_outputs else loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, StepControl):  # it stops the run at the step whose loss is not finite
-                callback.observe_loss(loss)  # a flag kept on the device: no read-back here
-        return loss
-
     def _track_num_input_tokens(self, inputs):
         # the collator counted the non-padding tokens on the host (the same number as the attention mask's sum,
         # which the Trainer would add up on the device and read back every micro-batch); with several processes
@@ -106,15 +101,6 @@ class ChattuneTrainer(ThroughputLog, AtomicCheckpoints, SFTTrainer):
         # TRL writes OUTPUT/README.md at every checkpoint, naming no base model for a local path;
         # `chattune push` writes the card from the run's own report instead (publish.build_card)
         return None
-
-    def _get_train_sampler(self, train_dataset=None):
-        # grouped over the global batch, in an order fixed by (seed, epoch): N processes train on the
-        # same batches as one process with the same global batch, and a resumed run as an uninterrupted one
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if (self.args.train_sampling_strategy == "group_by_length" and dataset is not None
-                and self.args.length_column_name in getattr(dataset, "column_names", [])):
-            return length_grouped_sampler(self.args, dataset)
-        return super()._get_train_sampler(train_dataset)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
