@@ -36,7 +36,8 @@ def test_train_then_dpo_then_eval(tmp_path, run_cli, model_dir, ultrachat_dir, u
         assert key in train[-1] and f"eval_{key}" in evals[-1], key
     results = json.loads((out / "results.json").read_text())
     before, after = results["preference"]["before"], results["preference"]["after"]
-    assert after["margin"] > before["margin"] and after["reward_accuracy"] > 0.5
+    # held-out pairs move the right way: the chosen reply gains on the rejected one against the starting model
+    assert after["margin"] > before["margin"] and after["reward_margin"] > 0
     report = (out / "report.md").read_text()
     assert "![Rewards of chosen and rejected replies" in report and "## Sample pairs" in report
     assert (out / "plots" / "rewards.png").is_file() and (out / "plots" / "loss.png").is_file()
