@@ -37,7 +37,8 @@ class Timers:
     def wrap(self, owner, attr: str, label: str):
         original = getattr(owner, attr)
         timers = self
-        self.order.append(label)
+        if label not in self.order:
+            self.order.append(label)
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
@@ -99,7 +100,7 @@ def instrument_chattune(t: Timers) -> None:
     w(trainer_callback.CallbackHandler, "on_step_end", "callbacks: on_step_end (incl. progress bar)")
     w(Trainer, "_maybe_log_save_evaluate", "log / evaluate / save (incl.)")
     w(Trainer, "log", "  log (metrics.jsonl, printer)")
-    w(ct.ChattuneTrainer, "evaluate", "  evaluate (held-out loss, 3 per run)")
+    w(ct.ChattuneTrainer, "evaluate", "  evaluate (held-out loss: 3 in the loop, 1 after it)")
     w(Trainer, "_save_checkpoint", "  checkpoint (1 per run)")
 
 
