@@ -23,7 +23,7 @@ from chattune.verbosity import quiet
 log = logging.getLogger("chattune")
 METRIC = "addition_exact_match"
 # the recipe (issue 16 item 4; bench/results/quickstart.json, docs/performance.md#the-quickstart)
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 1200
 BATCH_SIZE, LR, WARMUP = 64, 4e-3, 0.05
 # enough conversations that a run sees most only once: with 4,000 the model memorised the pairs it saw
 # before it learned to add, and held-out sums lagged
@@ -92,6 +92,17 @@ def _prepare_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def compute_threads(default: int) -> int:
+    """No more torch threads than idle cores: on a busy machine an OpenMP thread waits, spinning, for a sibling
+    that is not running (with 2 threads on 2 cores at load 4, a step took 0.53 s and twice the CPU time of
+    one thread's 0.3 s; docs/performance.md#the-quickstart)."""
+    try:
+        idle = (os.cpu_count() or 1) - os.getloadavg()[0] + 1  # this process counts in the load
+    except OSError:  # no load average on this platform
+        return default
+    return max(1, min(default, round(idle)))
+
+
 def build_assets(out: Path, n_eval: int = 200, seed: int = 0) -> dict[str, list[dict]]:
     """The task's data set (OUT/data) and the base model with its tokenizer (OUT/base-model); returns the splits."""
     splits = addition.addition_splits(n_train=N_TRAIN, n_test=n_eval, seed=seed, **CONVERSATIONS)
@@ -118,7 +129,7 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
     log.info(f"built {out / 'base-model'} (2-layer GPT-2, random init) and {out / 'data'} "
              f"({len(splits['train_gen'])} train / {len(splits['test_gen'])} held-out conversations)")
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(compute_threads(torch.get_num_threads()))
     held_out = splits["test_gen"]
     cfg = quickstart_config(out, max_steps, seed)
     # set up as training sets up its base: the added tokens' rows start as the trained model's did

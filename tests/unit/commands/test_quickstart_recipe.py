@@ -48,3 +48,11 @@ def test_config_evaluates_three_times_and_saves_once(tmp_path):
     assert t.eval_steps == math.ceil(100 / 3)
     assert (t.batch_size, t.lr) == (qs.BATCH_SIZE, qs.LR)
     assert qs.quickstart_config(tmp_path).train.max_steps == qs.DEFAULT_STEPS
+
+
+def test_threads_follow_idle_cores(monkeypatch):
+    monkeypatch.setattr(qs.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(qs.os, "getloadavg", lambda: (0.9, 0.9, 0.9))  # this process alone
+    assert qs.compute_threads(2) == 2
+    monkeypatch.setattr(qs.os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    assert qs.compute_threads(2) == 1
