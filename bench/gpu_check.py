@@ -1,21 +1,26 @@
-"""GPU check: chattune's training path on the GPT-2 124M shape on one CUDA GPU; tokens/s, MFU, memory.
+"""GPU check: the tutorial's recipe, TRL's SFTTrainer with its documented GPU settings, and chattune, side by side
+on one CUDA GPU, GPT-2 124M shape, ultrachat-like conversations; real tokens/s, MFU, peak memory, held-out loss
+after the same wall-clock time. Also the tutorial's own max length (128) and chattune's fp16 path.
 
     bash bench/gpu_check.sh                 # on the GPU machine (installs the wheels in .whl first)
-    python bench/gpu_check.py --smoke       # anywhere, tiny settings: checks the script itself
+    python bench/gpu_check.py --smoke       # anywhere, tiny settings: checks the script itself (CPU: ~3 min)
 
-It generates ultrachat-like conversations (ultrachat_like.py) and a byte-level BPE tokenizer with
-GPT-2's vocabulary size, builds a randomly initialised GPT-2 124M locally, and runs
-`chattune.commands.train.run_train` (bf16 autocast, SDPA with the causal fast path, the selective LM head,
-TF32, fused AdamW: what chattune picks on CUDA) for a bounded number of steps, once per batch
-layout. Timing comes from measure.Meter, as in train_speed.py, with the GPU synchronised at the
-window's ends. MFU is against the card's dense bf16 peak (looked up from its name; --peak-tflops
-overrides). The default run took 51 s on an H200, data and model building included.
+It generates ultrachat-like conversations (ultrachat_like.py; train_gen / test_gen splits) and a byte-level BPE
+tokenizer with GPT-2's vocabulary size, builds a randomly initialised GPT-2 124M locally (no hub needed), and
+runs each recipe (recipes.py) in its own process for the same wall-clock budget with the same seed; measure.Meter
+times the micro-batches after a warm-up, with the GPU synchronised at the window's ends. MFU is against the card's
+dense bf16 peak (looked up from its name; --peak-tflops overrides), counting the LM head only where a recipe puts
+a loss (every position for the tutorial and TRL, assistant tokens for chattune).
+
+Runs (default plan, about 7 minutes on an H200 including set-up, by the set-up and start-up times seen there):
+  len1024: tutorial, trl-gpu, chattune (defaults: --batch-size auto), chattune --compile (fixed shapes)
+  len128 (the tutorial's setting): tutorial, trl-gpu, chattune
+  fp16: chattune --precision fp16 at 1024, its loss curve against the bf16 run's (same seed, same batches)
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -28,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 # dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets); the first name found in the card's name wins
 BF16_PEAKS = (("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
-              ("L40S", 362.0), ("A10G", 125.0), ("L4", 121.0), ("RTX 4090", 165.0))
+              ("L40S", 362.0), ("A10G", 125.0), ("L4", 121.0), ("RTX 4090", 165.0), ("T4", 65.0))
 
 
 def bf16_peak(name: str) -> float | None:
@@ -38,13 +43,20 @@ def bf16_peak(name: str) -> float | None:
     return None
 
 
-def build(work: Path, n_rows: int, vocab: int, shape: dict, seed: int = 0) -> tuple[Path, Path]:
-    """Data in the ultrachat_200k layout, and a gpt2-like model directory (no chat template, no pad)."""
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build(work: Path, n_rows: int, n_heldout: int, vocab: int, shape: dict, seed: int = 0) -> dict:
+    """Data in the ultrachat_200k layout, a gpt2-like model directory (no chat template, no pad) and the same model
+    fitted to chattune's chat template (TRL needs a template gpt2 lacks)."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     import ultrachat_like
+    from chattune.data.template import prepare_tokenizer
     from chattune.demo.assets import write_hub_layout
+    from chattune.model.load import fit_model_to_tokenizer
 
     gen = ultrachat_like.Generator(seed, n_sentences=20_000)
     tok_dir = work / "tokenizer"
@@ -53,97 +65,74 @@ def build(work: Path, n_rows: int, vocab: int, shape: dict, seed: int = 0) -> tu
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     probe = gen.sentences[:5000]
     gen.tokens_per_sentence = sum(len(x) for x in tok(probe)["input_ids"]) / len(probe)
-    data = write_hub_layout({"train_gen": list(gen.rows(n_rows))}, work / "data")
-    torch.manual_seed(seed)
+    rows = list(gen.rows(n_rows + n_heldout))
+    data = write_hub_layout({"train_gen": rows[:n_rows], "test_gen": rows[n_rows:]}, work / "data")
     # the model keeps GPT-2's vocabulary size even if the generated text yields fewer merges
     config = GPT2Config(vocab_size=max(vocab, len(tok)), n_positions=1024, bos_token_id=tok.eos_token_id,
                         eos_token_id=tok.eos_token_id, **shape)
-    model_dir = work / "model"
-    GPT2LMHeadModel(config).save_pretrained(str(model_dir))
-    tok.save_pretrained(str(model_dir))
-    return data, model_dir
+    base, chat = work / "model", work / "model-chat"
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    setup = prepare_tokenizer(tok)
+    fit_model_to_tokenizer(model, tok, setup)
+    model.save_pretrained(str(chat))
+    tok.save_pretrained(str(chat))
+    return {"data_dir": str(data), "base_dir": str(base), "chat_model_dir": str(chat),
+            "vocab_size": config.vocab_size}
 
 
-class StepProfiler:
-    """A TrainerCallback (duck-typed) that profiles optimizer steps [start, start + n) and writes the tables."""
-
-    def __init__(self, path: Path, start: int = 10, n: int = 3):
-        self.path, self.start, self.n, self.prof = path, start, n, None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.start and self.prof is None:
-            import torch
-
-            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                            if torch.cuda.is_available() else [])
-            self.prof = torch.profiler.profile(activities=acts)
-            self.prof.__enter__()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.prof and state.global_step == self.start + self.n:
-            self.prof.__exit__(None, None, None)
-            table = self.prof.key_averages()
-            text = [f"{self.n} optimizer steps from step {self.start}"]
-            for key in ("cpu_time_total", "self_cpu_time_total", "self_device_time_total"):
-                text.append(f"\n== sorted by {key}\n"
-                            + table.table(sort_by=key, row_limit=30, max_name_column_width=70))
-            self.path.write_text("\n".join(text))
-            self.prof = False
-
-    def __getattr__(self, name):
-        if name.startswith("on_"):
-            return lambda *a, **k: None
-        raise AttributeError(name)
+def plan(smoke: bool, budget: float) -> list[dict]:
+    """(name, recipe, spec overrides) for each run."""
+    short = max(5.0, budget / 2)
+    runs = [
+        {"name": "len1024/tutorial", "recipe": "tutorial", "max_length": 1024, "budget_s": budget},
+        {"name": "len1024/trl-gpu", "recipe": "trl-gpu", "max_length": 1024, "budget_s": budget},
+        {"name": "len1024/chattune", "recipe": "chattune", "max_length": 1024, "budget_s": budget,
+         "chattune_batch_size": "auto", "logging_steps": 5},
+        {"name": "len1024/chattune-compile", "recipe": "chattune", "max_length": 1024, "budget_s": budget * 1.5,
+         "chattune_batch_size": "auto", "compile": True, "warmup": 16},
+        {"name": "len128/tutorial", "recipe": "tutorial", "max_length": 128, "budget_s": short},
+        {"name": "len128/trl-gpu", "recipe": "trl-gpu", "max_length": 128, "budget_s": short},
+        {"name": "len128/chattune", "recipe": "chattune", "max_length": 128, "budget_s": short,
+         "chattune_batch_size": "auto"},
+        {"name": "fp16/chattune", "recipe": "chattune", "max_length": 1024, "budget_s": budget,
+         "chattune_batch_size": "auto", "precision": "fp16", "logging_steps": 5},
+    ]
+    if smoke:
+        for r in runs:
+            r["max_length"] = min(r["max_length"], 256) if r["max_length"] > 128 else 64
+            r["budget_s"] = 6.0
+            r.pop("warmup", None)
+        runs = [r for r in runs if "compile" not in r["name"]]  # inductor on 2 busy CPU cores: minutes
+    return runs
 
 
-def run(data: Path, model_dir: Path, out: Path, batch: int, accum: int, steps: int, warmup: int, budget_s: float,
-        max_length: int, profile: Path | None = None) -> dict:
-    import datasets
-    from transformers import AutoTokenizer
+def mfu(result: dict, shape: dict, peak: float | None) -> float | None:
+    from measure import flops_per_token
 
-    import measure
-    from chattune.commands.train import run_train
-    from chattune.config import Config, validate
-    from chattune.data.template import prepare_tokenizer
-    from chattune.data.tokenize import encode_conversations
+    if not peak or not result.get("real_tokens_per_s"):
+        return None
+    share = result["assistant_tokens"] / max(1, result["real_tokens"]) if result["recipe"] == "chattune" else 1.0
+    fpt = flops_per_token(shape, result["token_weighted_row_length"] or 0, share)
+    return fpt * result["real_tokens_per_s"] / (peak * 1e12)
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    prepare_tokenizer(tok)
-    rows = encode_conversations(tok, datasets.load_dataset(str(data), split="train_gen")["messages"], max_length)
-    table = {measure.row_key(i): (len(i), sum(1 for t in lab if t != -100))
-             for i, lab in zip(rows["input_ids"], rows["labels"])}
-    meter = measure.Meter(table, budget_s, warmup, min_measured=1)
-    measure.install(meter)
-    if profile is not None:
-        import transformers.trainer
 
-        transformers.trainer.DEFAULT_CALLBACKS.append(StepProfiler(profile))
-    cfg = Config()
-    cfg.model.name, cfg.data.dataset, cfg.data.max_length = str(model_dir), str(data), max_length
-    cfg.data.train_split = "train_gen"
-    t = cfg.train
-    t.output_dir, t.batch_size, t.grad_accum, t.max_steps, t.logging_steps = str(out), batch, accum, steps, 10
-    t.save_steps = 10 ** 6  # no checkpoint inside the timed window
-    try:
-        run_train(validate(cfg))
-    except measure.BudgetSpent:
-        pass
-    finally:
-        import transformers.trainer
-
-        transformers.trainer.DEFAULT_CALLBACKS[:] = [c for c in transformers.trainer.DEFAULT_CALLBACKS
-                                                     if c is not meter and not isinstance(c, StepProfiler)]
-    return meter.finish()
+def curve_gap(a: list, b: list) -> float | None:
+    """Largest relative difference of two loss curves at the steps both logged."""
+    da, db = dict(map(tuple, a or [])), dict(map(tuple, b or []))
+    common = sorted(set(da) & set(db))
+    if not common:
+        return None
+    return max(abs(da[s] - db[s]) / max(abs(db[s]), 1e-9) for s in common)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny model, data and step counts (runs on a CPU)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per layout")
-    p.add_argument("--layouts", default="4x4,16x1", help="per-device batch x accumulation (16 conversations a step)")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile 3 optimizer steps of each layout (tables next to --out; those steps run "
-                        "slower: for diagnosis, not figures)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, data and budgets (runs on a CPU)")
+    p.add_argument("--budget", type=float, default=30.0, help="wall-clock seconds of training per run at 1024")
+    p.add_argument("--only", help="comma-separated run names (e.g. len1024/chattune,fp16/chattune)")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if its name is not in the table")
     # on the device machine only files under $OUT come back
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
@@ -153,47 +142,59 @@ def main(argv=None) -> dict:
     import torch
 
     import chattune.model.speed  # noqa: F401  (fails early when chattune or its dependencies are missing)
-    import measure
+    from train_speed import run_recipe
 
     started = time.perf_counter()
     shape = {"n_layer": 12, "n_embd": 768, "n_head": 12}
-    vocab, n_rows, max_length, warmup = 50257, 2000, 1024, 8
+    vocab, n_rows, n_heldout, warmup = 50257, 4000, 64, 8
     if args.smoke:
-        shape, vocab, n_rows, max_length, warmup = {"n_layer": 2, "n_embd": 64, "n_head": 2}, 2000, 64, 256, 1
-        args.steps, args.layouts = 2, "2x2"
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    peak = args.peak_tflops or (bf16_peak(device) if torch.cuda.is_available() else None)
-    print(f"device: {device}; torch {torch.__version__}; dense bf16 peak used for MFU: {peak} TFLOP/s", flush=True)
-    results = {"device": device, "torch": torch.__version__, "peak_bf16_tflops": peak, "shape": shape, "layouts": {}}
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        data, model_dir = build(Path(tmp), n_rows, vocab, shape)
-        print(f"data and model built in {time.perf_counter() - started:.0f} s", flush=True)
-        for layout in args.layouts.split(","):
-            batch, accum = (int(x) for x in layout.split("x"))
-            gc.collect()  # the previous layout's model and optimizer
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            prof = args.out.parent / f"profile-{layout}.txt" if args.profile else None
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            r = run(data, model_dir, Path(tmp) / f"out-{layout}", batch, accum, args.steps, warmup, 150.0, max_length,
-                    prof)
-            share = r["assistant_tokens"] / max(1, r["real_tokens"])
-            fpt = measure.flops_per_token({**shape, "vocab_size": vocab + 2}, r["token_weighted_row_length"] or 0,
-                                          share)
-            r["gflop_per_real_token"] = fpt / 1e9
-            r["mfu"] = fpt * (r["real_tokens_per_s"] or 0) / (peak * 1e12) if peak else None
-            r["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-            results["layouts"][layout] = r
-            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-            mem = f"{r['peak_gpu_memory_gib']:.1f} GiB" if r["peak_gpu_memory_gib"] is not None else "n/a"
-            print(f"batch {batch} x accumulation {accum}: {r['real_tokens_per_s']:.0f} real tokens/s, "
-                  f"{r['assistant_tokens_per_s']:.0f} assistant tokens/s, padding {r['padding_share']:.1%}, MFU {mfu}, "
-                  f"peak GPU memory {mem} ({r['measured_micro_batches']} micro-batches timed)", flush=True)
-    results["seconds"] = time.perf_counter() - started
+        shape, vocab, n_rows, n_heldout, warmup = {"n_layer": 2, "n_embd": 64, "n_head": 2}, 2000, 300, 8, 1
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    peak = args.peak_tflops or (bf16_peak(device) if cuda else None)
+    log(f"device: {device}; torch {torch.__version__}; dense bf16 peak used for MFU: {peak} TFLOP/s")
+    results = {"device": device, "torch": torch.__version__, "peak_bf16_tflops": peak, "shape": shape, "runs": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        assets = build(Path(tmp), n_rows, n_heldout, vocab, shape)
+        shape = {**shape, "vocab_size": assets.pop("vocab_size")}
+        results["shape"] = shape
+        log(f"data and model built in {time.perf_counter() - started:.0f} s")
+        for run in plan(args.smoke, args.budget):
+            if args.only and run["name"] not in args.only.split(","):
+                continue
+            spec = {**assets, "seed": 0, "max_steps": 2000, "warmup": warmup, "min_measured": 1,
+                    **{k: v for k, v in run.items() if k not in ("name", "recipe")}}
+            try:
+                try:
+                    r = run_recipe(run["recipe"], spec, timeout=spec["budget_s"] * 3 + 240)
+                except RuntimeError as e:
+                    if run["recipe"] != "trl-gpu":
+                        raise
+                    # Liger's kernels may not fit this torch / transformers: TRL's best without them
+                    log(f"{run['name']}: failed ({str(e)[-300:]}); again without Liger kernels")
+                    r = run_recipe(run["recipe"], {**spec, "liger": False}, timeout=spec["budget_s"] * 3 + 240)
+                    r["first_try_error"] = str(e)[-2000:]
+            except Exception as e:  # one failing recipe must not lose the others' figures
+                log(f"{run['name']}: FAILED {str(e)[-2000:]}")
+                results["runs"][run["name"]] = {"error": str(e)[-4000:]}
+                continue
+            r["mfu"] = mfu(r, shape, peak)
+            results["runs"][run["name"]] = r
+            log(f"{run['name']}: {r['real_tokens_per_s'] or 0:.0f} real tokens/s, MFU "
+                f"{r['mfu'] if r['mfu'] is None else format(r['mfu'], '.1%')}, padding {r['padding_share'] or 0:.1%}, "
+                f"peak GPU memory {r.get('peak_gpu_memory_gib')}, held-out loss {r['heldout']['loss']:.4f}, "
+                f"{r['steps']} steps; {' | '.join(r.get('log_lines', []))}")
+            args.out.write_text(json.dumps(results, indent=2))  # partial results survive a timeout
+    runs = results["runs"]
+    ours, trl = runs.get("len1024/chattune", {}), runs.get("len1024/trl-gpu", {})
+    if ours.get("real_tokens_per_s") and trl.get("real_tokens_per_s"):
+        results["chattune_over_trl_real_tokens_per_s"] = ours["real_tokens_per_s"] / trl["real_tokens_per_s"]
+    fp16 = runs.get("fp16/chattune", {})
+    results["fp16_vs_bf16_max_relative_loss_gap"] = curve_gap(fp16.get("train_losses"), ours.get("train_losses"))
+    results["seconds"] = time.perf_counter() - started
     args.out.write_text(json.dumps(results, indent=2))
-    print(f"done in {results['seconds']:.0f} s; {args.out}")
+    log(f"done in {results['seconds']:.0f} s; {args.out}")
     return results
 
 

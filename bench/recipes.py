@@ -161,6 +161,43 @@ def run_trl(spec: dict, meter: measure.Meter):
     return trainer.train, (lambda: trainer.model), heldout, tokenizer.pad_token_id
 
 
+def run_trl_gpu(spec: dict, meter: measure.Meter):
+    """TRL's SFTTrainer with its documented GPU speed settings (TRL docs, "Reducing memory usage" and "Speeding up
+    training"): bf16; padding-free batches with FlashAttention when flash-attn imports (else no padding-free:
+    without a varlen kernel it would let packed rows attend across each other); Liger kernels when liger-kernel
+    imports; no gradient checkpointing (the 124M model fits: it only costs time); one micro-batch of 16."""
+    import importlib.util
+
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from chattune.data.tokenize import encode_conversations
+
+    flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    try:  # installed and importable with this torch and transformers (its wheel is in gpu_check.sh's list)
+        import liger_kernel.transformers  # noqa: F401
+
+        liger = torch.cuda.is_available() and spec.get("liger", True)
+    except Exception:
+        liger = False
+    tokenizer = chat_tokenizer(spec["base_dir"])
+    load = {"dtype": torch.bfloat16, "attn_implementation": "flash_attention_2"} if flash else {}
+    model = AutoModelForCausalLM.from_pretrained(spec["chat_model_dir"], **load)
+    dataset = load_dataset(spec["data_dir"], split="train_gen").select_columns(["messages"])
+    cuda = torch.cuda.is_available()
+    args = SFTConfig(output_dir=spec["work_dir"], bf16=cuda, max_length=spec["max_length"],
+                     per_device_train_batch_size=16, gradient_accumulation_steps=1, gradient_checkpointing=False,
+                     padding_free=flash, use_liger_kernel=liger, max_steps=spec["max_steps"], report_to="none",
+                     seed=spec["seed"], save_strategy="no", dataloader_num_workers=2 if cuda else 0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    meter.notes = {"flash_attn": flash, "liger_kernel": liger, "padding_free": flash}
+    conversations = load_conversations(spec["data_dir"], "train_gen")
+    meter.table.update(table_of(encode_conversations(tokenizer, conversations, spec["max_length"])))
+    heldout = encode_conversations(tokenizer, load_conversations(spec["data_dir"], "test_gen"), spec["max_length"])
+    return trainer.train, (lambda: trainer.model), heldout, tokenizer.pad_token_id
+
+
 def run_chattune(spec: dict, meter: measure.Meter, attention_dropout: float | None = 0.0):
     from chattune.commands.train import run_train
     from chattune.config import Config, validate
@@ -170,8 +207,14 @@ def run_chattune(spec: dict, meter: measure.Meter, attention_dropout: float | No
     cfg.model.name = spec["base_dir"]
     cfg.data.dataset, cfg.data.train_split, cfg.data.max_length = spec["data_dir"], "train_gen", spec["max_length"]
     t = cfg.train
-    t.output_dir, t.batch_size, t.grad_accum = spec["work_dir"], 4, 4
+    # a directory of its own: `chattune train` refuses a non-empty one that is not a run (work_dir holds spec.json)
+    t.output_dir, t.batch_size, t.grad_accum = str(Path(spec["work_dir"]) / "out"), 4, 4
     t.max_steps, t.seed, t.attention_dropout = spec["max_steps"], spec["seed"], attention_dropout
+    # the GPU check: chattune's defaults there (--batch-size auto keeps 4 x 4 = 16 conversations a step), a
+    # forced precision, torch.compile; a few losses logged for the fp16 / bf16 comparison
+    t.batch_size = spec.get("chattune_batch_size", t.batch_size)
+    t.precision, t.compile = spec.get("precision", t.precision), spec.get("compile", False)
+    t.logging_steps = spec.get("logging_steps", t.logging_steps)
     validate(cfg)
     tokenizer = chat_tokenizer(spec["base_dir"])
     conversations = load_conversations(spec["data_dir"], "train_gen")
@@ -180,7 +223,7 @@ def run_chattune(spec: dict, meter: measure.Meter, attention_dropout: float | No
     return (lambda: run_train(cfg)), (lambda: meter.model), heldout, tokenizer.pad_token_id
 
 
-RECIPES = {"tutorial": run_tutorial, "trl": run_trl, "chattune": run_chattune,
+RECIPES = {"tutorial": run_tutorial, "trl": run_trl, "trl-gpu": run_trl_gpu, "chattune": run_chattune,
            # chattune with the model's own attention dropout (gpt2: 0.1), which sends SDPA to its unfused path
            "chattune-attn-dropout": lambda spec, meter: run_chattune(spec, meter, attention_dropout=None)}
 
@@ -200,7 +243,23 @@ def main(recipe: str, spec_file: str, result_file: str) -> None:
         train()
     except measure.BudgetSpent:
         pass
-    result = {"recipe": recipe, **meter.finish(), "matmul_gflops": ceiling}
+    result = {"recipe": recipe, **meter.finish(), "matmul_gflops": ceiling, **getattr(meter, "notes", {})}
+    if torch.cuda.is_available():
+        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["gpu"] = torch.cuda.get_device_name(0)
+    metrics = Path(spec["work_dir"]) / "out" / "metrics.jsonl"  # chattune's log: the loss curve (fp16 vs bf16)
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        result["train_losses"] = [[r["step"], r["loss"]] for r in records if "loss" in r]
+        result["train_log"] = [r for r in records if "train_runtime" not in r]
+    # chattune's resolved config: the layout --batch-size auto chose
+    saved = Path(spec["work_dir"]) / "out" / "chattune.yaml"
+    if saved.is_file():
+        import yaml
+
+        train = yaml.safe_load(saved.read_text())["train"]
+        result["layout"] = f"{train['batch_size']}x{train['grad_accum']}"
+        result["log_lines"] = [f"layout {result['layout']}, precision {train['precision']}"]
     model = get_model()
     result["heldout"] = heldout_loss(model, heldout, pad_id)
     Path(result_file).write_text(json.dumps(result, indent=2))

@@ -201,3 +201,84 @@ def trained_dir(tmp_path_factory, model_dir, ultrachat_dir) -> Path:
     t.logging_steps, t.eval_steps, t.save_steps, t.group_by_length = 5, 30, 60, False
     run_train(validate(cfg))
     return out
+
+
+def preference_rows(conversations: list[list[dict]]) -> list[dict]:
+    """ultrafeedback_binarized rows from addition conversations: chosen is the conversation, rejected the same with
+    the last sum off by ten; prompt (the first user turn), prompt_id, messages and the scores as on the hub."""
+    rows = []
+    for i, msgs in enumerate(conversations):
+        right = addition.answer_of(msgs[-1]["content"])
+        wrong = msgs[:-1] + [{"role": "assistant", "content": msgs[-1]["content"].replace(f"= {right}.",
+                                                                                          f"= {right + 10}.")}]
+        first_user = next(m["content"] for m in msgs if m["role"] == "user")
+        rows.append({"prompt": first_user, "prompt_id": str(i), "chosen": msgs, "rejected": wrong, "messages": msgs,
+                     "score_chosen": 9.0, "score_rejected": 2.0})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def ultrafeedback_dir(tmp_path_factory, splits) -> Path:
+    """A local preference data set laid out like HuggingFaceH4/ultrafeedback_binarized (train_prefs/test_prefs)."""
+    return assets.write_hub_layout({"train_prefs": preference_rows([r["messages"] for r in splits["train_gen"]]),
+                                    "test_prefs": preference_rows([r["messages"] for r in splits["test_gen"]])},
+                                   tmp_path_factory.mktemp("ultrafeedback"))
+
+
+@pytest.fixture()
+def chat_model(model_dir):
+    """(model, tokenizer): the tiny GPT-2 with chattune's chat template and tokens, as `chattune train` prepares
+    it (a fresh copy per test)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chattune.data.template import prepare_tokenizer
+    from chattune.model.load import fit_model_to_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    setup = prepare_tokenizer(tok)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    fit_model_to_tokenizer(model, tok, setup)
+    return model, tok
+
+
+TOOL_QUESTION = "What is 12 + 34?"
+TOOL_RESULT = '{"result": 46}'
+TOOL_ORDER = "Add 20 and 22."  # answered with a call alone: add(20, 22), then "The sum of 20 and 22 is 42."
+
+
+@pytest.fixture(scope="session")
+def tool_trained_dir(tmp_path_factory) -> Path:
+    """A chattune output directory that has learnt one tool conversation by heart (a 2-layer GPT-2, 200 steps): given
+    the add(a, b) tool and TOOL_QUESTION it says "Let me add them." and calls add with {"a": 12, "b": 34}; given the
+    call's result it answers "The sum of 12 and 34 is 46."; TOOL_ORDER gets the call alone (add 20 and 22); "Hi!" gets
+    "Hello! Ask me a sum." (no call)."""
+    import random
+
+    from chattune.commands.train import run_train
+    from chattune.config import Config, validate
+    from chattune.data.formats import from_messages
+    from chattune.data.template import render_chatml
+    from chattune.demo import tools
+
+    turns = tools.call_turns(random.Random(0), 12, 34, 0)
+    turns[0]["content"] = "Let me add them."
+    rows = [{"messages": [{"role": "user", "content": TOOL_QUESTION}, *turns], "tools": [tools.ADD_TOOL]},
+            {"messages": [{"role": "user", "content": TOOL_ORDER}, *tools.call_turns(random.Random(1), 20, 22, 0)],
+             "tools": [tools.ADD_TOOL]},
+            {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! Ask me a sum."}],
+             "tools": [tools.ADD_TOOL]}]
+    root = tmp_path_factory.mktemp("tool-model")
+    data = assets.write_hub_layout({"train": rows * 24, "test": rows}, root / "data")
+    texts = render_chatml([from_messages(r, {}) for r in rows], [[tools.ADD_TOOL]] * len(rows))[0]
+    assets.build_base_model(root / "base", {}, texts=texts * 4, vocab_size=400, split_digits=False, n_layer=2,
+                            n_embd=64, n_head=2, n_positions=512)
+    cfg = Config()
+    cfg.model.name = str(root / "base")
+    cfg.data.dataset, cfg.data.train_split, cfg.data.eval_split, cfg.data.max_length = str(data), "train", "test", 512
+    t = cfg.train
+    t.output_dir, t.max_steps, t.batch_size, t.lr, t.warmup = str(root / "out"), 200, 8, 3e-3, 0.1
+    t.logging_steps, t.eval_steps, t.save_steps, t.group_by_length = 50, 200, 200, False
+    run_train(validate(cfg))
+    return root / "out"

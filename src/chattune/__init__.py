@@ -25,6 +25,7 @@ from chattune.errors import ChattuneError  # noqa: E402
 # name -> module that defines it; imported on first access (these pull in torch and transformers)
 _LAZY = {
     "run_train": "chattune.commands.train",
+    "run_dpo": "chattune.commands.dpo",
     "run_eval": "chattune.commands.eval",
     "run_generate": "chattune.commands.generate",
     "run_chat": "chattune.commands.chat",

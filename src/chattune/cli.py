@@ -23,6 +23,7 @@ log = logging.getLogger("chattune")
 COMMANDS = {
     "quickstart": ("quickstart", "build a small model and data set offline, fine-tune, and score before/after"),
     "train": ("train", "fine-tune a model on chat data"),
+    "dpo": ("dpo", "preference-tune a model (DPO) on chosen/rejected reply pairs, e.g. after train"),
     "data": ("data", "inspect or validate a data set before training (subcommands: inspect, validate)"),
     "eval": ("eval", "assistant-token loss, perplexity and accuracy on a data set, optionally against a baseline"),
     "chat": ("chat", "talk to a model: interactive, one --message, or lines piped on standard input"),

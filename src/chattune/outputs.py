@@ -21,6 +21,7 @@ MERGED_DIR = "merged"  # a LoRA run's standalone merged model (--merge)
 MERGED_FROM_FILE = "merged_from.json"  # what a merged model was merged from
 TASK_SCORE_FILE = "eval.json"  # the quickstart's task score, before and after training
 QUICKSTART_MARKER = "quickstart.json"  # marks a directory the quickstart built
+TENSORBOARD_DIR = "runs"  # TensorBoard's event files (--report-to tensorboard: transformers' logging_dir)
 
 # ---- files of a model directory that transformers and PEFT write ----------------------------------
 MODEL_CONFIG_FILE = "config.json"
@@ -30,3 +31,10 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 # ---- checkpoints ------------------------------------------------------------------------------------
 CHECKPOINT_MANIFEST = "chattune-checkpoint.json"  # written last: the checkpoint is complete
 CHECKPOINT_STAGING = ".checkpoint-staging"  # where a checkpoint is written before it is renamed into place
+CHECKPOINT_PREFIX = "checkpoint"  # checkpoint-N (transformers' PREFIX_CHECKPOINT_DIR)
+
+# ---- the run directory's own guards ------------------------------------------------------------------
+LOCK_FILE = ".chattune.lock"  # who holds the output directory (pid, host, start, command); flock-ed while held
+MODEL_MANIFEST = "chattune-model.json"  # the final model's files with sizes and checksums, written last
+FINAL_STAGING = ".final-staging"  # where the final model is written before its files are renamed into place
+REPLACED_SUFFIX = ".replaced-"  # --overwrite moves an earlier run to OUTPUT.replaced-YYYYmmdd-HHMMSS

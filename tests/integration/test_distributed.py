@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from chattune.model.manifest import check_complete
+from chattune.outputs import LOCK_FILE
 from chattune.training.checkpoints import problem
+from chattune.training.lock import RunLock
 
 from conftest import ROOT
 
@@ -56,6 +59,17 @@ def test_two_processes_match_one_with_the_same_global_batch(run_cli, model_dir, 
     ckpt = tmp_path / "two" / "checkpoint-4"
     assert problem(ckpt) is None
     assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+    check_complete(tmp_path / "two", content=True)  # the final model, gathered and placed by rank 0
+    assert not (tmp_path / "two" / LOCK_FILE).exists()  # rank 0 held the lock and released it
+
+
+def test_every_process_stops_when_the_output_directory_is_in_use(run_cli, model_dir, ultrachat_dir, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29562"]
+    with RunLock(tmp_path / "busy", command="another run"):  # held by this test process
+        proc = train(run_cli, torchrun, model_dir, ultrachat_dir, tmp_path / "busy", batch=2)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "in use by another chattune run" in errors[0], proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "multi_gpu"), ("multi_node", "multi_gpu"), ("fsdp", "use_fsdp"),

@@ -54,8 +54,14 @@ def test_quickstart_builds_trains_and_scores(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert report["eval_loss_after"] == results["eval"]["eval_loss"] < 0.5 * results["baseline"]["eval_loss"]
 
-    # a second run into the same directory replaces the earlier quickstart instead of mixing with it
-    assert main(["quickstart", "--output-dir", str(out), "--max-steps", "2"]) == 0
+    # a second run into the same directory keeps the earlier quickstart unless --overwrite, which moves it aside
+    capsys.readouterr()
+    assert main(["quickstart", "--output-dir", str(out), "--max-steps", "2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "eval.json").read_text() == json.dumps(report, indent=2)
+    assert main(["quickstart", "--output-dir", str(out), "--max-steps", "2", "--overwrite"]) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("qs.replaced-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "eval.json").read_text()) == report
+    assert json.loads((out / "eval.json").read_text())["steps"] == 2
 
 
 def test_quickstart_refuses_a_foreign_directory(tmp_path, capsys):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from chattune.artifacts.render import fmt_number, metric_rows, read_json, render
+from chattune.artifacts.render import fmt_number, metric_rows, preference_rows, read_json, render
 from chattune.config import read_saved
 from chattune.outputs import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REPORT_FILE, RESULTS_FILE, TASK_SCORE_FILE
 
@@ -39,13 +39,18 @@ def training_sources(d: dict) -> list[tuple[str, str | None]]:
 
 
 def _hyperparameters(t: dict, d: dict, results: dict, base) -> list[tuple[str, object]]:
-    runtime = (results.get("train") or {}).get("train_runtime")
-    rows = [("base model", _describe(base)), ("epochs", t.get("epochs")), ("max steps", t.get("max_steps")),
+    run = results.get("train") or {}
+    runtime = run.get("train_runtime")
+    # what the run did (the trainer's final state), not what the config asked: a max-steps run stops mid-epoch
+    epochs = run.get("epoch")
+    rows = [("base model", _describe(base)),
+            ("epochs run", round(float(epochs), 2) if epochs is not None else None),
+            ("epochs", t.get("epochs") if epochs is None else None), ("max steps", t.get("max_steps")),
             ("batch size per device", t.get("batch_size")), ("gradient accumulation", t.get("grad_accum")),
             ("learning rate", t.get("lr")), ("schedule", t.get("lr_scheduler")), ("warm-up", t.get("warmup")),
             ("weight decay", t.get("weight_decay")), ("max length", d.get("max_length")),
             ("precision", results.get("precision") or t.get("precision")), ("seed", t.get("seed")),
-            ("steps run", (results.get("train") or {}).get("global_step")),
+            ("steps run", run.get("global_step")),
             ("training time (s)", runtime if runtime is None else fmt_number(float(runtime)))]
     return [(k, v) for k, v in rows if v is not None]
 
@@ -87,7 +92,8 @@ def build_card(model_dir: Path, repo_id: str, samples: bool = True) -> str:
     hub_sets = [h for h in dict.fromkeys(hub_id(name) for name, _ in sources) if h]
     meta = ModelCardData(library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
                          base_model=hub_id(base), datasets=hub_sets or None,
-                         tags=["chattune", "trl", "sft", "conversational"] + (["lora"] if adapter else []))
+                         tags=["chattune", "trl", "dpo" if results.get("dpo") else "sft", "conversational"]
+                         + (["lora"] if adapter else []))
     data = (_describe(sources[0][0], "dataset") if len(sources) == 1 else
             "a mix of " + ", ".join(f"{_describe(n, 'dataset')} (split `{sp}`)" for n, sp in sources)
             if sources else "unknown")
@@ -96,11 +102,13 @@ def build_card(model_dir: Path, repo_id: str, samples: bool = True) -> str:
     report = model_dir / REPORT_FILE
     n_samples, samples_from = report_samples(report.read_text(encoding="utf-8", errors="replace")) \
         if report.is_file() else (0, "")
+    dpo = results.get("dpo")  # a `chattune dpo` run: preference pairs and preference metrics
     body = render("model_card.md.jinja", name=repo_id.split("/")[-1], base=_describe(base), data=data,
-                  sources=sources, eval_split=d.get("eval_split"),
+                  sources=sources, eval_split=d.get("eval_split"), dpo=dpo,
                   data_stats=[(k, s) for k, s in (results.get("data") or {}).items() if s],
                   max_length=results.get("max_length"), hyperparameters=_hyperparameters(t, d, results, base) if t
-                  else [], metrics=metric_rows(final, before), has_baseline=bool(before),
+                  else [], metrics=preference_rows(results) if dpo else metric_rows(final, before),
+                  has_baseline=bool(before) or bool(dpo),
                   task=task if {"metric", "before", "after"} <= set(task) else None,
                   has_report=report.is_file(), repo_id=repo_id, adapter=adapter, local_base=local_base,
                   n_samples=n_samples, samples_from=samples_from, samples_uploaded=samples)

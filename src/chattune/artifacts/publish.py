@@ -22,6 +22,7 @@ from pathlib import Path
 from chattune.artifacts.card import build_card, hub_id, local_path, report_samples, training_sources
 from chattune.config import read_saved
 from chattune.errors import ChattuneError
+from chattune.model.manifest import check_complete
 from chattune.outputs import ADAPTER_CONFIG_FILE, CONFIG_FILE, MODEL_CONFIG_FILE, REPORT_FILE, RESULTS_FILE
 
 UPLOAD_PATTERNS = (
@@ -38,6 +39,7 @@ MAX_HEADER = 100 << 20  # a safetensors JSON header larger than this is not a re
 def upload_files(model_dir: Path) -> list[Path]:
     """The files to upload, relative to model_dir: regular files of the allow-list, none reached through a
     link that leads out of the model directory (a vocab.json linked to a secret would upload the secret)."""
+    check_complete(model_dir, content=True)  # never upload a model whose save did not finish, or a changed file
     if not (model_dir / MODEL_CONFIG_FILE).is_file() and not (model_dir / ADAPTER_CONFIG_FILE).is_file():
         raise ChattuneError(f"{model_dir} is not a model directory: it has no config.json")
     if not any(model_dir.glob("*.safetensors")):

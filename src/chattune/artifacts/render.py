@@ -73,3 +73,24 @@ def read_json(path: Path) -> dict:
         raise ChattuneError(f"{path} is not readable JSON: it holds a {type(data).__name__}, not an object; restore "
                             "it, or delete it to go without the metrics it holds")
     return data
+
+
+def preference_rows(results: dict) -> list[tuple[str, str, str]]:
+    """(metric, starting model, tuned) rows for the report and the card."""
+    pref = results.get("preference") or {}
+    before, after = pref.get("before") or {}, pref.get("after") or {}
+    final = results.get("eval") or {}
+    rows = []
+    if after:
+        rows += [("preference accuracy (chosen more likely than rejected)", fmt_number(before.get("accuracy"), True),
+                  fmt_number(after.get("accuracy"), True)),
+                 ("mean log-prob margin, chosen - rejected", fmt_number(before.get("margin")),
+                  fmt_number(after.get("margin"))),
+                 ("implicit-reward accuracy vs the starting model", "-",
+                  fmt_number(after.get("reward_accuracy"), True))]
+    for label, key, pct in (("DPO evaluation loss", "eval_loss", False),
+                            ("evaluation rewards/accuracies", "eval_rewards/accuracies", True),
+                            ("evaluation rewards/margins", "eval_rewards/margins", False)):
+        if key in final:
+            rows.append((label, "-", fmt_number(final[key], pct)))
+    return rows

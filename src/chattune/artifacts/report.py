@@ -36,7 +36,13 @@ def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
 
 
-def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: float | None = None) -> list[tuple]:
+def markers(n_points: int) -> dict:
+    """Dots on a line with few points: a line through one point draws nothing."""
+    return {"marker": "o", "markersize": 4} if n_points < 30 else {}
+
+
+def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: float | None = None,
+                loss_label: str = "mean loss per token") -> list[tuple]:
     """Write the plots; returns (alt text, relative path) for each one written."""
     import matplotlib
 
@@ -48,7 +54,8 @@ def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: 
     if train or evals:
         fig, ax = plt.subplots(figsize=(7, 4))
         if train:
-            ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", lw=1.5)
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", lw=1.5,
+                    **markers(len(train)))
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="evaluation loss", lw=1.5)
         if baseline_loss is not None:
@@ -57,7 +64,7 @@ def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: 
         positive = [v for v in values if v and v > 0]
         if positive and max(positive) / min(positive) > 20:
             ax.set_yscale("log")  # a random-init baseline would flatten the curves on a linear axis
-        ax.set(xlabel="optimizer step", ylabel="mean loss per token", title="Loss")
+        ax.set(xlabel="optimizer step", ylabel=loss_label, title="Loss")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -71,7 +78,7 @@ def plot_curves(out: Path, train: list[dict], evals: list[dict], baseline_loss: 
         fig, axes = plt.subplots(len(series), 1, figsize=(7, 1.9 * len(series) + 0.6), sharex=True, squeeze=False)
         for ax, (key, label) in zip(axes[:, 0], series):
             points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
-            ax.plot(*zip(*points), lw=1.2)
+            ax.plot(*zip(*points), lw=1.2, **markers(len(points)))
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("optimizer step")
@@ -145,8 +152,7 @@ def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Pat
     source = eval_split if eval_split is not None else train_split
     prompts = []
     if source is not None and source.format != "text":
-        prompts = sample_prompts(source.dataset.select(range(min(N_SAMPLES, len(source.dataset))))["messages"],
-                                 N_SAMPLES)
+        prompts = sample_prompts(source.dataset, N_SAMPLES)
     budget = sample_budget(tokenizer, prompts)
     baseline = None
     if getattr(cfg.train, "eval_baseline", True) and eval_rows is not None and tokenizer is not None:
@@ -162,14 +168,16 @@ def _write(cfg, out: Path, tokenizer, train_split, eval_split, eval_rows) -> Pat
     plots = plot_curves(out, train, evals, baseline["eval_loss"] if baseline else None)
     final = results.get("eval") or {}
     t = results.get("train") or {}
+    # the trainer's final step; the last logged step can be earlier (a run of 6 steps logged every 5)
+    steps = t.get("global_step", train[-1]["step"] if train else None)
     extra = (("final training loss", train[-1]["loss"] if train else None),
-             ("optimizer steps", train[-1]["step"] if train else None),
+             ("optimizer steps", steps),
              ("training time (s)", t.get("train_runtime")), ("mean training loss", t.get("train_loss")))
     rejected = out / REJECTED_FILE
     text = render(
         "report.md.jinja", name=out.resolve().name, plots=plots, model=cfg.model.name,
         data=", ".join(f"`{s.dataset}` (split `{s.split}`)" for s in sources(cfg.data)),
-        steps=train[-1]["step"] if train else "?", device=results.get("device", "?"),
+        steps=steps if steps is not None else "?", device=results.get("device", "?"),
         precision=results.get("precision", "?"), final=final, baseline=baseline,
         stopping=describe_stopping(results.get("stopping")),
         metrics=metric_rows(final, baseline, extra),

@@ -42,14 +42,17 @@ def run(args) -> int:
 
 def validate(cfg, args) -> int:
     from chattune.data.inspect import format_validate, validate_data
+    from chattune.data.preferences import is_preference_config, load_preferences
 
-    r = validate_data(cfg)
+    # preference pairs (chosen/rejected columns) are checked as `chattune dpo` checks them
+    r = validate_data(cfg, load_preferences if is_preference_config(cfg) else None)
     print(json.dumps(r, indent=2, ensure_ascii=False) if args.json else format_validate(r))
     return 0 if r["ok"] else 2
 
 
 def inspect(cfg, args) -> int:
     from chattune.data.inspect import format_inspect, inspect_data
+    from chattune.data.preferences import is_preference_config
     from chattune.model.hub import load_config
     from chattune.model.load import context_length, load_for_training, resolve_max_length
 
@@ -57,6 +60,12 @@ def inspect(cfg, args) -> int:
     max_length = resolve_max_length(cfg.data.max_length, context_length(load_config(m.name, m.revision,
                                                                                     m.trust_remote_code)), m.name)
     tokenizer, _ = load_for_training(m, lambda msg: None)
+    if is_preference_config(cfg):
+        from chattune.data.preference_stats import format_inspect_preferences, inspect_preferences
+
+        r = inspect_preferences(cfg, tokenizer, max_length, args.split, args.sample or None)
+        print(json.dumps(r, ensure_ascii=False) if args.json else format_inspect_preferences(r))
+        return 0
     r = inspect_data(cfg, tokenizer, max_length, args.split, args.sample or None, args.example)
     print(json.dumps(r, ensure_ascii=False) if args.json else format_inspect(r))
     return 0

@@ -31,16 +31,46 @@ def add_arguments(p) -> None:
     p.add_argument("--samples", type=int, default=0, metavar="N", help="generate N replies next to the references")
     p.add_argument("--sample-tokens", type=int, default=default(run_eval, "sample_tokens"),
                    help="longest sample reply in tokens (default: %(default)s)")
+    p.add_argument("--tool-turns", type=int, default=default(run_eval, "tool_turns"), metavar="N",
+                   help="when the data calls tools: score the model's calls at up to N assistant tool-call turns "
+                        "(and N answers to tool results); 0 skips it (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def run(args) -> int:
+    from chattune.evaluation.preferences import format_preference_report
+
     result = run_eval(args.model, dataset=args.dataset, split=args.split, config_name=args.dataset_config,
                       fmt=args.format, max_samples=args.max_samples, max_length=args.max_length,
                       batch_size=args.batch_size, baseline=args.baseline, samples=args.samples,
-                      sample_tokens=args.sample_tokens, device=args.device)
-    print(json.dumps(jsonable(result), indent=2, ensure_ascii=False) if args.json else format_report(result))
+                      sample_tokens=args.sample_tokens, device=args.device, tool_turns=args.tool_turns)
+    text = format_preference_report(result) if "preference" in result else format_report(result)
+    print(json.dumps(jsonable(result), indent=2, ensure_ascii=False) if args.json else text)
     return 0
+
+
+def preference_split(model_path, dataset, split, config_name, max_samples):
+    """The split to score when it holds preference pairs (chosen and rejected columns), else None: as given, or
+    the run's own (a `chattune dpo` output names its data set and evaluation split)."""
+    from chattune.data import list_splits
+    from chattune.data.preferences import PREFERENCE_SPLITS, is_preference_data, load_preferences, preference_columns
+
+    saved = read_saved(model_path).get("data") or {}
+    same = dataset is None or dataset == saved.get("dataset")
+    dataset = dataset or saved.get("dataset")
+    if not dataset:
+        return None
+    config_name = config_name or (saved.get("config_name") if same else None)
+    if split is None:
+        available = list_splits(dataset, config_name)
+        split = (saved.get("eval_split") if same and saved.get("eval_split") in available else
+                 PREFERENCE_SPLITS[1] if PREFERENCE_SPLITS[1] in available else
+                 available[0] if len(available) == 1 else None)
+        if split is None:
+            return None  # the chat-data path asks for --split
+    if not is_preference_data(preference_columns(dataset, split, config_name)):
+        return None
+    return load_preferences(dataset, split, config_name=config_name, max_samples=max_samples)
 
 
 def eval_data(model_path, dataset, split, config_name, fmt, max_samples):
@@ -78,8 +108,9 @@ def eval_data(model_path, dataset, split, config_name, fmt, max_samples):
 def run_eval(model_path: str, dataset: str | None = None, split: str | None = None, config_name: str | None = None,
              fmt: str | None = None, max_samples: int | None = None, max_length: int | None = None,
              batch_size: int = 8, baseline: str | None = None, samples: int = 0, sample_tokens: int = 64,
-             device: str | None = None) -> dict:
-    """Score MODEL (and optionally a baseline on the very same token sequences) on a data set."""
+             device: str | None = None, tool_turns: int = 200) -> dict:
+    """Score MODEL (and optionally a baseline on the very same token sequences) on a data set; on data with tool
+    calls, also the model's tool-call accuracy (evaluation/toolcalls.py) at up to `tool_turns` turns."""
     import gc
 
     import torch
@@ -92,8 +123,16 @@ def run_eval(model_path: str, dataset: str | None = None, split: str | None = No
     from chattune.model.load import context_length, load_chat_model, pick_device, resolve_max_length
     from chattune.training.metrics import score_rows
 
-    if batch_size < 1 or samples < 0 or sample_tokens < 1 or (max_samples is not None and max_samples < 1):
-        raise ChattuneError("--batch-size, --sample-tokens and --max-samples must be at least 1, --samples >= 0")
+    if batch_size < 1 or samples < 0 or sample_tokens < 1 or (max_samples is not None and max_samples < 1) or \
+            tool_turns < 0:
+        raise ChattuneError("--batch-size, --sample-tokens and --max-samples must be at least 1, --samples and "
+                            "--tool-turns >= 0")
+    prefs = preference_split(model_path, dataset, split, config_name, max_samples)
+    if prefs is not None:  # preference pairs: preference accuracy (and the implicit reward against --baseline)
+        from chattune.evaluation.preferences import evaluate_preferences
+
+        return evaluate_preferences(model_path, prefs, max_length, batch_size, baseline, device,
+                                    seed=(read_saved(model_path).get("train") or {}).get("seed", 42))
     data = eval_data(model_path, dataset, split, config_name, fmt, max_samples)
     device = device or pick_device()
     saved = read_saved(model_path)
@@ -110,7 +149,12 @@ def run_eval(model_path: str, dataset: str | None = None, split: str | None = No
     result = {"model": model_path, "data": data.name, "conversations": stats.rows_out, "max_length": length,
               "truncated": stats.truncated, "dropped": stats.dropped_no_loss,
               **score_rows(model, rows, tokenizer.pad_token_id, batch_size)}
-    prompts = (sample_prompts(data.dataset.select(range(min(samples, len(data.dataset))))["messages"], samples)
+    if tool_turns and kind == "messages":
+        from chattune.evaluation.toolcalls import has_tool_calls, score_tool_calls
+
+        if has_tool_calls(data.dataset):
+            result["tool_calls"] = score_tool_calls(model, tokenizer, data.dataset, tool_turns, batch_size)
+    prompts = (sample_prompts(data.dataset, samples)
                if samples and kind == "messages" else [])
     if prompts:
         # a held-out conversation longer than the context is cut from the left (the reply needs room)
@@ -161,6 +205,13 @@ def format_report(r: dict) -> str:
         b, d = r["baseline"], r["difference"]
         lines.append(row("baseline", b, b["model"]))
         lines.append(f"{'difference':<11}{d['loss']:>+9.4f}{d['perplexity']:>+12.2f}{d['accuracy'] * 100:>+9.2f}pt")
+    t = r.get("tool_calls")
+    if t:
+        lines += ["", f"tool calls: {t['call_accuracy']:.1%} of {t['call_turns']} call turns right (name and "
+                      f"arguments); right name {t['name_accuracy']:.1%}; a call parsed {t['parsed_rate']:.1%}"
+                      + (f"; {t['invalid_calls']} call block(s) not valid JSON" if t["invalid_calls"] else "")]
+        if "answer_exact_match" in t:
+            lines.append(f"answers to tool results: {t['answer_exact_match']:.1%} of {t['answer_turns']} exact")
     for i, s in enumerate(r.get("samples", []), 1):
         lines += ["", f"sample {i}"]
         earlier = len(s["messages"]) - 1

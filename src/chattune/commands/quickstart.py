@@ -2,7 +2,8 @@
 
 It builds a small GPT-2 and a chat data set that teaches two-digit addition (laid out like gpt2 and
 ultrachat_200k on the hub), fine-tunes with the same `train` code path as any run, and scores the
-exact-match rate of answers to held-out sums before and after training.
+exact-match rate of answers to held-out sums before and after training. `--task tools` does the same for
+tool calling (quickstart_tools.py): the model learns to call a calculator tool with the right arguments.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 from chattune.config import Config, validate
 from chattune.demo import addition, assets
 from chattune.errors import ChattuneError
-from chattune.outputs import QUICKSTART_MARKER, TASK_SCORE_FILE
+from chattune.outputs import LOCK_FILE, QUICKSTART_MARKER, REPLACED_SUFFIX, TASK_SCORE_FILE
 from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
@@ -34,13 +34,27 @@ MODEL = {"n_layer": 2, "n_embd": 128, "n_head": 4}
 
 def add_arguments(p) -> None:
     p.add_argument("--output-dir", default="quickstart-out", help="where to build and train (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"optimizer steps (default: {DEFAULT_STEPS}; 1000 for --task tools)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier quickstart in --output-dir: it is moved (never deleted) to a new sibling "
+                        "OUTPUT.replaced-DATE-TIME")
+    p.add_argument("--task", choices=("addition", "tools"), default="addition",
+                   help="addition: answer sums (default); tools: call an add(a, b) tool with the right arguments and "
+                        "answer with its result")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the data, the model's initial weights and the training order (default: %(default)s)")
 
 
 def run(args) -> int:
-    r = run_quickstart(args.output_dir, max_steps=args.max_steps, seed=args.seed)
+    check_max_steps(args.max_steps)  # before run_quickstart's heavy imports
+    if getattr(args, "task", "addition") == "tools":
+        from chattune.commands.quickstart_tools import print_result
+
+        print_result(run_tool_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite),
+                     args.output_dir)
+        return 0
+    r = run_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite, seed=args.seed)
     s = r["sample"]
     print(f"\n{r['metric']} on {r['n']} held-out sums: before {r['before']:.1%} -> after {r['after']:.1%} "
           f"({r['seconds']:.0f} s)")
@@ -58,7 +72,7 @@ def quickstart_config(out: Path, max_steps: int | None = None, seed: int = 0) ->
     t = cfg.train
     t.output_dir = str(out)
     t.batch_size, t.grad_accum, t.lr, t.warmup, t.weight_decay = BATCH_SIZE, 1, LR, WARMUP, 0.01
-    t.max_steps, t.seed = max_steps or DEFAULT_STEPS, seed
+    t.max_steps, t.seed = DEFAULT_STEPS if max_steps is None else max_steps, seed
     # answers' lengths follow the sums, so length-grouped batches would be biased: sample at random
     t.group_by_length = False
     # three evaluations for the report's loss curve; one checkpoint, at the end (a 5-minute run needs no resume point)
@@ -84,12 +98,26 @@ def score(model, tokenizer, rows: list[dict], batch_size: int = 50) -> tuple[flo
     return sum(x["correct"] for x in results) / len(results), results
 
 
-def _prepare_dir(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not (out / QUICKSTART_MARKER).exists():
-            raise ChattuneError(f"{out} is not empty and not an earlier quickstart; choose another --output-dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_max_steps(max_steps: int | None) -> None:
+    if max_steps is not None and max_steps < 1:
+        raise ChattuneError(f"--max-steps must be at least 1, got {max_steps}")
+
+
+def prepare_output_dir(out: Path, overwrite: bool = False) -> None:
+    """An empty folder to build in: an earlier quickstart is moved aside with --overwrite and kept otherwise;
+    any other non-empty folder is refused. (Call it holding the folder's RunLock.)"""
+    from chattune.training.rundir import set_aside
+
+    out = Path(out)
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+    if not entries:
+        return
+    if not (out / QUICKSTART_MARKER).exists():
+        raise ChattuneError(f"{out} is not empty and not an earlier quickstart; choose another --output-dir")
+    if not overwrite:
+        raise ChattuneError(f"{out} holds an earlier quickstart: pass --overwrite to move it to "
+                            f"{out.name}{REPLACED_SUFFIX}DATE-TIME and start afresh, or choose another --output-dir")
+    set_aside(out, entries)
 
 
 def compute_threads(default: int) -> int:
@@ -114,7 +142,17 @@ def build_assets(out: Path, n_eval: int = 200, seed: int = 0) -> dict[str, list[
 
 @quiet
 def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200,
-                   seed: int = 0) -> dict:
+                   overwrite: bool = False, seed: int = 0) -> dict:
+    check_max_steps(max_steps)  # before anything is built or moved
+    from chattune.training.lock import RunLock
+
+    out = Path(output_dir)
+    with RunLock(out):  # held while the folder is prepared; run_train takes it again inside
+        prepare_output_dir(out, overwrite)
+        return _build_train_score(out, max_steps, n_eval, seed)
+
+
+def _build_train_score(out: Path, max_steps: int | None, n_eval: int, seed: int = 0) -> dict:
     import torch
 
     from chattune.commands.train import run_train
@@ -122,8 +160,6 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
     from chattune.model.load import load_model, load_prepared_base
 
     started = time.perf_counter()
-    out = Path(output_dir)
-    _prepare_dir(out)
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart"}))
     splits = build_assets(out, n_eval, seed)
     log.info(f"built {out / 'base-model'} (2-layer GPT-2, random init) and {out / 'data'} "
@@ -150,5 +186,42 @@ def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = N
         "sample": samples[0], "description": "share of held-out two-digit sums (operand pairs never seen in "
                                              "training) answered exactly, greedy decoding",
     }
+    (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+@quiet
+def run_tool_quickstart(output_dir: str = "quickstart-tools", max_steps: int | None = None, n_eval: int = 200,
+                        overwrite: bool = False) -> dict:
+    """`--task tools`: build the add(a, b) tool task and a base model, score held-out call accuracy, train, score
+    again (commands/quickstart_tools.py holds the task's parts). The folder is prepared as run_quickstart's."""
+    check_max_steps(max_steps)
+    from chattune.training.lock import RunLock
+
+    out = Path(output_dir)
+    with RunLock(out):
+        prepare_output_dir(out, overwrite)
+        return _build_train_score_tools(out, max_steps, n_eval)
+
+
+def _build_train_score_tools(out: Path, max_steps: int | None, n_eval: int) -> dict:
+    import torch
+
+    from chattune.commands import quickstart_tools as task
+    from chattune.commands.train import run_train
+    from chattune.model.hub import load_tokenizer
+    from chattune.model.load import load_model, load_prepared_base
+
+    started = time.perf_counter()
+    (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart --task tools"}))
+    held_out = task.build_assets(out, n_eval)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = task.tool_config(out, max_steps)
+    base, base_tok, _ = load_prepared_base(str(out / "base-model"), cfg.train.seed)
+    before = task.score(base, base_tok, held_out, n_eval)
+    log.info(f"before training: {task.METRIC} = {before['call_accuracy']:.1%}")
+    result = run_train(cfg)
+    after = task.score(load_model(str(out)), load_tokenizer(str(out)), held_out, n_eval)
+    report = task.report(before, after, result, cfg.train.max_steps, time.perf_counter() - started)
     (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
     return report

@@ -85,6 +85,9 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, serve
     _check(max_batch_size, batch_wait_ms, shutdown_grace)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     name = served_model_name or default_model_name(model_path)
+    from chattune.model.manifest import check_complete
+
+    check_complete(model_path)  # a run whose final save did not finish: one line, before the port opens
     sock = bind(host, port)
     try:
         app = _load_app(model_path, device, name, api_key, max_batch_size, batch_wait_ms, shutdown_grace)

@@ -9,12 +9,15 @@ schema (the dataclasses) -> values (YAML and flag values coerced into them) -> c
 
 from chattune.config.checks import validate
 from chattune.config.schema import (
+                                    DPO_LOSS_TYPES,
+                                    DPO_TRAIN_DEFAULTS,
                                     FORMATS,
                                     SECTIONS,
                                     TRACKERS,
                                     Config,
                                     DataConfig,
                                     DatasetEntry,
+                                    DpoConfig,
                                     LoraConfig,
                                     ModelConfig,
                                     TrainConfig,
@@ -23,5 +26,6 @@ from chattune.config.schema import (
 )
 from chattune.config.values import apply_values, load_yaml, read_saved
 
-__all__ = ["FORMATS", "SECTIONS", "TRACKERS", "Config", "DataConfig", "DatasetEntry", "LoraConfig", "ModelConfig",
-           "TrainConfig", "apply_values", "fields_of", "load_yaml", "opt", "read_saved", "validate"]
+__all__ = ["DPO_LOSS_TYPES", "DPO_TRAIN_DEFAULTS", "FORMATS", "SECTIONS", "TRACKERS", "Config", "DataConfig",
+           "DatasetEntry", "DpoConfig", "LoraConfig", "ModelConfig", "TrainConfig", "apply_values", "fields_of",
+           "load_yaml", "opt", "read_saved", "validate"]

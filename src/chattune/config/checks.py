@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typing
 
-from chattune.config.schema import FORMATS, SECTIONS, TRACKERS, Config, DataConfig, DatasetEntry, TrainConfig, fields_of
+from chattune.config.schema import (
+    DPO_LOSS_TYPES,
+    FORMATS,
+    SECTIONS,
+    TRACKERS,
+    Config,
+    DataConfig,
+    DatasetEntry,
+    TrainConfig,
+    fields_of,
+)
 from chattune.config.values import _coerce
 from chattune.errors import ConfigError
 
@@ -12,7 +22,9 @@ from chattune.errors import ConfigError
 def validate(cfg: Config) -> Config:
     """Range and consistency checks; each error names its field."""
     t, d = cfg.train, cfg.data
-    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+    if isinstance(t.batch_size, str) and t.batch_size != "auto":
+        raise ConfigError(f"train.batch_size must be a whole number or auto, got {t.batch_size!r}")
+    positive = {"train.batch_size": 1 if t.batch_size == "auto" else t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.logging_steps": t.logging_steps}
     for name, v in positive.items():
         if v < 1:
@@ -36,7 +48,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     if t.weight_decay < 0 or t.max_grad_norm < 0:
         raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
-    if t.num_workers < 0:
+    if t.num_workers is not None and t.num_workers < 0:
         raise ConfigError(f"train.num_workers must be >= 0, got {t.num_workers}")
     if t.attention_dropout is not None and not 0 <= t.attention_dropout < 1:
         raise ConfigError(f"train.attention_dropout must be in [0, 1), got {t.attention_dropout}")
@@ -49,6 +61,9 @@ def validate(cfg: Config) -> Config:
     if not cfg.model.name:
         raise ConfigError("model.name is empty: give --model (a hub id or a local directory)")
     _check_entries(d)
+    if d.eval_fraction > 0 and (d.eval_split or any(e.eval_split for e in d.datasets)):
+        raise ConfigError("give data.eval_split or data.eval_fraction, not both: drop data.eval_fraction to evaluate "
+                          "on the split, or drop data.eval_split to hold out that fraction of the training rows")
     _check_tracking_and_stopping(t)
     if t.save_minutes is not None and not t.save_minutes > 0:
         raise ConfigError(f"train.save_minutes must be positive (or unset), got {t.save_minutes}")
@@ -61,7 +76,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("lora.target_modules is empty: name modules, use all-linear, or leave it unset")
     if lo.merge and not (lo.enabled or lo.qlora):
         raise ConfigError("lora.merge (--merge) needs an adapter run: add --lora or --qlora")
+    _check_dpo(cfg)
     return cfg
+
+
+def _check_dpo(cfg: Config) -> None:
+    dpo = cfg.dpo
+    if not dpo.beta > 0:
+        raise ConfigError(f"dpo.beta must be positive, got {dpo.beta}")
+    unknown = [t for t in dpo.loss_types() if t not in DPO_LOSS_TYPES]
+    if unknown or not dpo.loss_types():
+        raise ConfigError(f"dpo.loss_type: unknown {', '.join(unknown) or 'empty value'}; use one of "
+                          f"{', '.join(DPO_LOSS_TYPES)}, or several joined by commas (e.g. sigmoid,sft)")
 
 
 def _check_tracking_and_stopping(t: TrainConfig) -> None:

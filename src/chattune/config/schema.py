@@ -79,6 +79,8 @@ class DataConfig:
                                        flag="--max-eval-samples")
     skip_invalid: bool = opt(False, "train on the valid rows and write the rest to rejected.jsonl "
                                     "instead of stopping", flag="--skip-invalid")
+    strict_tools: bool = opt(False, "reject conversations that call a function their tools do not declare "
+                                    "(by default such calls are counted in the log)", flag="--strict-tools")
     cache: bool = opt(True, "reuse the tokenized data an earlier run prepared from the same data, tokenizer, "
                             "template and max length (in $CHATTUNE_CACHE, default ~/.cache/chattune; checksummed); "
                             "--no-cache prepares afresh, reading none of datasets' caches either", flag="--cache")
@@ -90,7 +92,9 @@ class TrainConfig:
     epochs: float = opt(1.0, "passes over the training data", flag="--epochs")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)",
                                 flag="--max-steps")
-    batch_size: int = opt(4, "conversations per device per forward pass", flag="--batch-size")
+    batch_size: int | str = opt("auto", "conversations per device per forward pass; auto: 4 without a GPU, on CUDA "
+                                        "the largest that fits with the global batch (4 x --grad-accum) kept, "
+                                        "accumulation lowered to match", flag="--batch-size")
     eval_batch_size: int | None = opt(None, "evaluation batch size (default: --batch-size)",
                                       flag="--eval-batch-size")
     grad_accum: int = opt(1, "forward passes per optimizer step", flag="--grad-accum")
@@ -114,11 +118,19 @@ class TrainConfig:
                                            "last one", flag="--save-minutes")
     resume: bool | str = opt(False, "continue from the newest checkpoint in --output-dir, or from a given "
                                     "checkpoint directory", flag="--resume")
+    overwrite: bool = opt(False, "start afresh in a non-empty --output-dir that holds no run to resume: its contents "
+                                 "are moved (never deleted) to a new sibling OUTPUT.replaced-DATE-TIME",
+                          flag="--overwrite")
     group_by_length: bool = opt(True, "batch conversations of similar length together (less padding, faster; "
                                       "batches become less random)", flag="--group-by-length")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory",
                                        flag="--gradient-checkpointing")
-    num_workers: int = opt(0, "data-loader worker processes", flag="--num-workers")
+    fixed_shapes: bool = opt(False, "pad batches to a few fixed lengths and loss-row counts, so a compiled step "
+                                    "(--compile) sees few shapes; exact (padded rows carry no loss)",
+                             flag="--fixed-shapes")
+    compile: bool = opt(False, "torch.compile the model (CUDA; implies --fixed-shapes)", flag="--compile")
+    num_workers: int | None = opt(None, "data-loader worker processes (default: 2 on CUDA, collating the next "
+                                        "batches while the GPU computes; 0 elsewhere)", flag="--num-workers")
     attention_dropout: float | None = opt(0.0, "attention-probability dropout while training (null: the model's "
                                                "own, gpt2's 0.1). 0 lets PyTorch's fused attention run, which on a "
                                                "CPU cut a step's time by about a third and its memory by 0.8 GiB "
@@ -152,12 +164,37 @@ class LoraConfig:
                       flag="--merge")
 
 
+# TRL's DPO loss types (DPOConfig.loss_type); several joined by commas are summed (sigmoid,sft: RPO)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# `chattune dpo`'s own defaults for train.*: SmolLM2's DPO of its 135M/360M models (alignment-handbook
+# recipes/smollm2), the published recipe closest to chattune's small models; Zephyr-7B used beta 0.01, lr 5e-7,
+# 1 epoch (docs/dpo.md)
+DPO_TRAIN_DEFAULTS = {"lr": 1e-6, "epochs": 2.0}
+
+
+@dataclass
+class DpoConfig:
+    """`chattune dpo` only (preference tuning); `chattune train` ignores it."""
+
+    beta: float = opt(0.5, "DPO beta: how strongly the model is held to the reference (the starting model); "
+                           "SmolLM2's small-model recipe used 0.5, Zephyr-7B 0.01", flag="--beta")
+    loss_type: str = opt("sigmoid", f"TRL's DPO loss: {', '.join(DPO_LOSS_TYPES)}; several joined by commas are "
+                                    "summed (sigmoid,sft adds the chosen replies' NLL: RPO)", flag="--loss-type")
+    precompute_ref: bool = opt(False, "score the pairs with the starting model once before training instead of "
+                                      "keeping a reference copy in memory", flag="--precompute-ref")
+
+    def loss_types(self) -> list[str]:
+        return [t.strip() for t in self.loss_type.split(",") if t.strip()]
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,7 +207,8 @@ class Config:
         return path
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
+                              "dpo": DpoConfig}
 
 
 def fields_of(section_cls) -> dict[str, tuple[dataclasses.Field, Any]]:

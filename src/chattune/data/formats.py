@@ -1,4 +1,5 @@
-"""Source shapes to chattune's one canonical form: a list of {"role", "content"} messages.
+"""Source shapes to chattune's one canonical form: a list of {"role", "content"} messages, plus, for tool
+use, the conversation's tool definitions and the messages' tool calls and results (data/tools.py).
 
 Each converter is a small pure function of one row; `to_canonical` converts and validates.
 `detect_format` picks the shape from the column names; `--format` forces one, and `data.columns`
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 
 from chattune.config import FORMATS
+from chattune.data.tools import ToolFormatError, normalize_calls, normalize_tools
 from chattune.data.validate import Reason, RowError, check_messages, check_text
 from chattune.errors import DataError
 
@@ -28,9 +30,12 @@ SHAREGPT_ROLES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
     "system": "system",
-    "function_call": "assistant",  # the model's own tool call: trained on like any reply
+    "function_call": "assistant",  # the model's own tool call: its value {name, arguments} becomes a tool call
     "observation": "tool", "tool": "tool", "function": "tool",
 }
+CALL_SPEAKERS = {"function_call"}
+# formats whose rows may carry a conversation-level 'tools' column
+TOOL_FORMATS = {"messages", "sharegpt", "prompt_completion"}
 
 
 def detect_format(column_names: list[str], columns: dict | None = None, where: str = "data set") -> str:
@@ -66,7 +71,8 @@ def required_columns(fmt: str, columns: dict | None = None) -> list[str]:
 
 def optional_columns(fmt: str, columns: dict | None = None) -> list[str]:
     c = columns or {}
-    names = {"alpaca": ["input", "system", "history"], "sharegpt": ["system"]}.get(fmt, [])
+    names = {"alpaca": ["input", "system", "history"], "sharegpt": ["system", "tools"], "messages": ["tools"],
+             "prompt_completion": ["tools"]}.get(fmt, [])
     return [c.get(n, n) for n in names]
 
 
@@ -90,12 +96,22 @@ def _listish(value, name: str, shape: str) -> list:
 
 
 def from_messages(row: dict, c: dict) -> list[dict]:
+    """OpenAI's / transformers' messages, tool calls (arguments a JSON string or an object) and results included."""
     name = c.get("messages", "messages")
     out = []
     for i, m in enumerate(_listish(row[name], name, "{role, content}")):
         if not isinstance(m, dict):
             raise RowError("malformed row", f"message {i} is {type(m).__name__}, expected {{role, content}}")
-        out.append({"role": m.get("role"), "content": m.get("content")})
+        msg = {"role": m.get("role"), "content": m.get("content")}
+        calls = normalize_calls(m.get("tool_calls"))
+        if calls:
+            msg["tool_calls"] = calls
+            if msg["content"] is None:  # OpenAI sends null content with a call; canonical is ""
+                msg["content"] = ""
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None and msg["role"] == "tool":
+                msg[key] = m[key]
+        out.append(msg)
     return out
 
 
@@ -116,7 +132,19 @@ def from_sharegpt(row: dict, c: dict) -> list[dict]:
         if role is None:
             raise RowError("unknown role", f"turn {i} has unknown speaker 'from': {speaker!r} "
                                            f"(known: {', '.join(sorted(SHAREGPT_ROLES))})")
-        out.append({"role": role, "content": t.get("value")})
+        if str(speaker).lower() in CALL_SPEAKERS:
+            try:
+                calls = normalize_calls(t.get("value"))
+            except ToolFormatError as e:
+                raise RowError(e.kind, f"turn {i} ({speaker}): {e}") from None
+            if not calls:
+                raise RowError("invalid tool call", f"turn {i} ({speaker}) holds no call")
+            out.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
+        msg = {"role": role, "content": t.get("value")}
+        if role == "tool" and out and out[-1].get("tool_calls") and len(out[-1]["tool_calls"]) == 1:
+            msg["name"] = out[-1]["tool_calls"][0]["function"]["name"]  # the function this result is from
+        out.append(msg)
     return out
 
 
@@ -160,20 +188,21 @@ CONVERTERS = {
 }
 
 
-def to_canonical(row: dict, fmt: str, columns: dict):
+def to_canonical(row: dict, fmt: str, columns: dict, strict_tools: bool = False):
     """One row in format `fmt` to (value, None) when valid, or (None, Reason) when not; the value is
-    a list of messages, or a string for the text format."""
+    {"messages": [...], "tools": [...] or None} for chat formats, or a string for the text format."""
     if fmt == "text":
         value = row.get(columns.get("text", "text"))
         reason = check_text(value)
         return (None, reason) if reason else (value, None)
     try:
         messages = CONVERTERS[fmt](row, columns)
-    except RowError as e:
+        tools = normalize_tools(row.get(columns.get("tools", "tools"))) if fmt in TOOL_FORMATS else None
+    except (RowError, ToolFormatError) as e:
         return None, Reason(e.kind, str(e))
     except KeyError as e:
         return None, Reason("malformed row", f"the row has no {e.args[0]!r} column")
     except RecursionError:  # a value nested past Python's limit: a bad row, not a crash
         return None, Reason("nested too deeply", "a value is nested too deeply to read")
-    reason = check_messages(messages)
-    return (None, reason) if reason else (messages, None)
+    reason = check_messages(messages, tools, strict_tools)
+    return (None, reason) if reason else ({"messages": messages, "tools": tools}, None)

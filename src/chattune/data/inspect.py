@@ -18,6 +18,7 @@ from chattune.data.loading import report
 from chattune.data.mixture import load_training_data
 from chattune.data.template import is_chattune_template, render_with_spans
 from chattune.data.tokenize import encode_conversations, encode_texts
+from chattune.data.tools import rows_of
 from chattune.errors import ChattuneError, DataError
 from chattune.outputs import IGNORE_INDEX
 
@@ -49,6 +50,28 @@ def _turn_stats(ds, fmt: str) -> dict:
             "roles": {str(k): int(v) for k, v in sorted(roles.items())}}
 
 
+def _with_tools(rows: dict) -> tuple[list, list | None]:
+    """Stored rows as (conversations, tools) for the encoders: tool calls decoded, tools per conversation."""
+    return rows_of(rows) if "tools" in rows else (rows["messages"], None)
+
+
+def _tool_stats(ds) -> dict:
+    """For tool data: conversations that declare tools, assistant calls and tool results."""
+    if "tools" not in ds.column_names:
+        return {}
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")[:]
+    flat = table.column("messages").combine_chunks().flatten()
+
+    def count(mask) -> int:
+        return int(pc.sum(mask).as_py() or 0)
+
+    return {"tool_use": {"conversations_with_tools": count(pc.is_valid(table.column("tools"))),
+                         "assistant_messages_with_calls": count(pc.is_valid(flat.field("tool_calls"))),
+                         "tool_results": count(pc.equal(flat.field("role"), "tool"))}}
+
+
 def _sample_indices(n: int, sample: int | None, seed: int) -> np.ndarray:
     if not sample or sample >= n:
         return np.arange(n)
@@ -61,8 +84,11 @@ def token_stats(ds, fmt: str, tokenizer, max_length: int, sample: int | None, se
     lengths, lost, loss_total, cut, emptied = [], 0, 0, 0, 0
     for start in range(0, len(idx), 512):
         rows = ds.select(idx[start:start + 512])[:]
-        enc = encode_texts(tokenizer, rows["text"]) if fmt == "text" else encode_conversations(tokenizer,
-                                                                                            rows["messages"])
+        if fmt == "text":
+            enc = encode_texts(tokenizer, rows["text"])
+        else:
+            convs, tools = _with_tools(rows)
+            enc = encode_conversations(tokenizer, convs, tools=tools)
         for labels in enc["labels"]:
             lab = np.asarray(labels)
             loss = lab != IGNORE_INDEX
@@ -92,8 +118,9 @@ def example(ds, fmt: str, tokenizer, index: int, max_length: int) -> dict:
         text = row["text"]
         enc = encode_texts(tokenizer, [text])
     else:
-        text = render_with_spans(tokenizer, [row["messages"]])[0][0]
-        enc = encode_conversations(tokenizer, [row["messages"]])
+        convs, tools = _with_tools({k: [v] for k, v in row.items()})
+        text = render_with_spans(tokenizer, convs, tools)[0][0]
+        enc = encode_conversations(tokenizer, convs, None, tools)
     ids = enc["input_ids"][0]
     ends = [b for _, b in tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).offsets]
     # each token shown with the text since the previous one ended, so the pieces join to the whole text
@@ -110,7 +137,9 @@ def inspect_data(cfg, tokenizer, max_length: int, split: str = "train", sample: 
     kind = "text" if fmt == "text" else "messages"
     return {"data": loaded.name, "split": split, "format": fmt, "rows": len(ds),
             "rejected": len(loaded.rejected), "chat_template": _template_name(tokenizer),
-            **_turn_stats(ds, kind), **token_stats(ds, kind, tokenizer, max_length, sample, cfg.train.seed),
+            **_turn_stats(ds, kind), **(_tool_stats(ds) if kind == "messages" else {}),
+            "undeclared_tool_calls": len(loaded.info.get("undeclared_tool_calls", [])),
+            **token_stats(ds, kind, tokenizer, max_length, sample, cfg.train.seed),
             "example": example(ds, kind, tokenizer, index, max_length)}
 
 
@@ -152,6 +181,13 @@ def format_inspect(r: dict, colour: bool | None = None) -> str:
         m = r["messages_per_conversation"]
         lines.append(f"messages per conversation: mean {m['mean']}, min {m['min']}, max {m['max']}")
         lines.append("roles: " + ", ".join(f"{k} {v}" for k, v in r["roles"].items()))
+    if "tool_use" in r:
+        u = r["tool_use"]
+        lines.append(f"tools: {u['conversations_with_tools']} conversations declare tools; "
+                     f"{u['assistant_messages_with_calls']} assistant messages call tools (trained on), "
+                     f"{u['tool_results']} tool results (not trained on)"
+                     + (f"; {r['undeclared_tool_calls']} conversations call an undeclared function"
+                        if r.get("undeclared_tool_calls") else ""))
     sampled = "" if r["sampled"] == r["rows"] else f" (a sample of {r['sampled']})"
     lines.append(f"tokens per conversation{sampled}, {r['chat_template']} template: "
                  + ", ".join(f"{k} {t[k]}" for k in ("mean", *[f"p{p}" for p in PERCENTILES], "max")))
@@ -165,18 +201,20 @@ def format_inspect(r: dict, colour: bool | None = None) -> str:
     return "\n".join(lines)
 
 
-def validate_data(cfg) -> dict:
+def validate_data(cfg, loader=None) -> dict:
     """Every check training runs on its data, without a model: per split the valid and invalid row
-    counts, and the problems by kind (an unusable source raises, as training would)."""
+    counts, and the problems by kind (an unusable source raises, as training would). `loader` reads a split
+    (preferences.load_preferences for preference pairs; default: chat data)."""
     cfg = copy.deepcopy(cfg)  # the caller's config is left as given
     cfg.data.skip_invalid = True  # collect every problem instead of stopping at the first split
-    splits = [s for s in load_training_data(cfg) if s is not None]
+    splits = [s for s in (load_training_data(cfg, loader) if loader else load_training_data(cfg)) if s is not None]
     problems = [p for s in splits for p in s.rejected]
     result = {"ok": not problems,
               "splits": [{"name": s.name, "format": s.format, "valid": len(s.dataset), "invalid": len(s.rejected)}
                          for s in splits],
               "problems": dict(Counter(p.reason.kind for p in problems).most_common()),
-              "first": [{"where": p.where, "kind": p.reason.kind, "reason": str(p.reason)} for p in problems[:20]]}
+              "first": [{"where": p.where, "kind": p.reason.kind, "reason": str(p.reason)} for p in problems[:20]],
+              "undeclared_tool_calls": [n for s in splits for n in s.info.get("undeclared_tool_calls", [])]}
     if problems:
         valid = sum(x["valid"] for x in result["splits"])
         result["report"] = report(" + ".join(s.name for s in splits if s.rejected), problems, valid + len(problems),
@@ -185,6 +223,11 @@ def validate_data(cfg) -> dict:
 
 
 def format_validate(r: dict) -> str:
-    lines = [f"{s['name']}: {s['valid']} valid conversations, format {s['format']}"
+    lines = [f"{s['name']}: {s['valid']} valid {'pairs' if s['format'] == 'preference' else 'conversations'}, "
+             f"format {s['format']}"
              + (f", {s['invalid']} invalid" if s["invalid"] else "") for s in r["splits"]]
+    undeclared = r.get("undeclared_tool_calls")
+    if undeclared:  # not a problem by default: counted, and an error with --strict-tools
+        lines.append(f"{len(undeclared)} conversation(s) call a function their tools do not declare (first: "
+                     f"{undeclared[0]}); --strict-tools rejects them")
     return "\n".join(lines + ([r["report"]] if not r["ok"] else ["no problems found"]))

@@ -46,24 +46,26 @@ def _combine(parts: list, name: str):
     """The splits of every source as one; each part is (dataset after sampling, its LoadedSplit)."""
     return concat_splits([d for d, _ in parts], {f for _, s in parts for f in s.format.split("+")}, name,
                          [r for _, s in parts for r in s.rejected],
-                         {c for _, s in parts for c in s.info.get("ignored_columns", [])})
+                         {c for _, s in parts for c in s.info.get("ignored_columns", [])},
+                         [n for _, s in parts for n in s.info.get("undeclared_tool_calls", [])])
 
 
-def load_training_data(cfg):
+def load_training_data(cfg, loader=load_conversations):
     """Train and eval splits as canonical conversations, validated, before any model is loaded; with
-    data.cache off (--no-cache), read without any of datasets' caches."""
+    data.cache off (--no-cache), read without any of datasets' caches. `loader` reads one split of one source
+    (load_conversations' signature; preferences.load_preferences for preference pairs)."""
     with contextlib.nullcontext() if cfg.data.cache else fresh_reads():
-        return _load_training_data(cfg)
+        return _load_training_data(cfg, loader)
 
 
-def _load_training_data(cfg):
+def _load_training_data(cfg, load_conversations=load_conversations):
     d = cfg.data
     specs = sources(d)
     mixed = bool(d.datasets)
     train_parts, eval_parts, names, eval_names = [], [], [], []
     for i, s in enumerate(specs):
         common = dict(fmt=s.format, columns=s.columns, config_name=s.config_name, revision=s.revision,
-                      skip_invalid=d.skip_invalid)
+                      skip_invalid=d.skip_invalid, strict_tools=d.strict_tools)
         loaded = load_conversations(s.dataset, s.split, max_samples=None if mixed else d.max_train_samples, **common)
         ds, n = _sample(loaded, s, cfg.train.seed, i)
         train_parts.append((ds, loaded))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from chattune.data.digest import code_digest, tokenizer_digest
 from chattune.data.integrity import check_rows, remove_stale, seal, temp_prefix, verify
-from chattune.data.loading import LoadedSplit
+from chattune.data.loading import LoadedSplit, canonical_features
 from chattune.data.mixture import load_training_data, sources
 from chattune.data.sources import fresh_reads, kind_of, load_parts, split_files
 from chattune.data.tokenize import PrepStats, prepare_split
@@ -67,7 +67,8 @@ def cache_key(cfg, tokenizer, max_length: int | None) -> str:
     specs = sources(d)
     data = [[dataclasses.asdict(s), _source_identity(s, s.split),
              _source_identity(s, s.eval_split) if s.eval_split else None] for s in specs]
-    settings = {k: getattr(d, k) for k in ("max_train_samples", "max_eval_samples", "eval_fraction", "skip_invalid")}
+    settings = {k: getattr(d, k) for k in ("max_train_samples", "max_eval_samples", "eval_fraction", "skip_invalid",
+                                             "strict_tools")}
     blob = json.dumps([data, settings, cfg.train.seed, tokenizer_digest(tokenizer), max_length, code_digest()],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
@@ -94,6 +95,11 @@ def _log_splits(train_split, eval_split, n_train: int, n_eval: int | None) -> No
     ignored = (train_split.info or {}).get("ignored_columns")
     if ignored:
         log.info(f"columns not used by the {train_split.format} format: {', '.join(ignored)}")
+    undeclared = [n for s in (train_split, eval_split) if s is not None for n in (s.info or {}).get(
+        "undeclared_tool_calls", [])]
+    if undeclared:
+        log.warning(f"{len(undeclared)} conversation(s) call a function their tools do not declare (first: "
+                    f"{undeclared[0]}); --strict-tools rejects them")
 
 
 def _load_cached(path: Path, out: Path, main: bool, vocab_size: int) -> Prepared | None:
@@ -119,7 +125,9 @@ def _load_cached(path: Path, out: Path, main: bool, vocab_size: int) -> Prepared
         m = meta.get(key)
         if m is None:
             return None, None, None
-        preview = Dataset.from_list(m["preview"]) if m["preview"] else None
+        shown = m["preview"]  # (not `rows`: that is the cached splits, returned below)
+        preview = Dataset.from_list(shown, features=canonical_features(
+            "text" if m["format"] == "text" else "messages", tools="tools" in shown[0])) if shown else None
         loaded = LoadedSplit(dataset=preview, format=m["format"], name=m["name"], rejected=[])
         return loaded, rows[key], PrepStats(**m["stats"])
 

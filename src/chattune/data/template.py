@@ -1,5 +1,6 @@
 """Chat template: give a tokenizer chattune's template when it has none, and render conversations
-to text with the character spans that carry loss (assistant replies with their end-of-turn token).
+to text with the character spans that carry loss (assistant replies, tool calls included, with their
+end-of-turn token; tool results never carry loss).
 
 Training, evaluation and chat all format conversations through the template saved with the
 tokenizer, so a conversation becomes the same tokens everywhere.
@@ -17,11 +18,20 @@ from pathlib import Path
 from jinja2.exceptions import SecurityError
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from chattune.data.chatml import (  # noqa: F401  (re-exported: the template's names live with its Python twin)
+    CALL_END,
+    CALL_START,
+    END_OF_TURN,
+    TURN_START,
+    cut_point,
+    render_chatml,
+    render_chatml_columns,
+    tools_system_text,
+)
 from chattune.errors import ChattuneError
 
-TURN_START = "<|im_start|>"
-END_OF_TURN = "<|im_end|>"
 PAD = "<|pad|>"
+
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -67,63 +77,6 @@ def is_chattune_template(template: str | None) -> bool:
     return bool(template) and template.strip() == chattune_template().strip()
 
 
-def cut_point(text: str, start: int) -> int:
-    """The first position >= start where a space follows a non-space character, else len(text): where
-    tokenizers that split text at spaces (tokenize.prefix_safe) can cut it without changing a token."""
-    pos = text.find(" ", max(start, 1))
-    while pos != -1 and text[pos - 1].isspace():
-        pos = text.find(" ", pos + 1)
-    return len(text) if pos == -1 else pos
-
-
-def render_chatml(conversations: list[list[dict]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """chattune's own template rendered in plain Python, with the same text and loss spans as the
-    jinja renderer (a test holds them equal): jinja costs ~0.1 ms a conversation, as much as
-    tokenizing the first 128 tokens of it."""
-    bounds = [0]
-    for conv in conversations:
-        bounds.append(bounds[-1] + len(conv))
-    texts, spans, _ = render_chatml_columns([m["role"] for c in conversations for m in c],
-                                            [m["content"] for c in conversations for m in c], bounds)
-    return texts, spans
-
-
-def render_chatml_columns(roles: list[str], contents: list[str], bounds, budget: int | None = None):
-    """render_chatml for conversations given as flat role and content lists, conversation i being
-    messages bounds[i]:bounds[i + 1] (the layout of an Arrow list column).
-
-    With a budget, a text stops at the first cut point past `budget` characters: an exact prefix of
-    the whole text, enough when only the first tokens are needed. Returns texts, loss spans (clipped
-    to the text) and, per text, whether it was cut short."""
-    texts, all_spans, partial = [], [], []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        parts, spans, at, cut = [], [], 0, False
-        for role, content in zip(roles[a:b], contents[a:b]):
-            head = f"{TURN_START}{role}\n"
-            if budget is not None and at + len(head) + len(content) > budget:
-                k = cut_point(content, budget - at - len(head))
-                if k < len(content):
-                    parts += [head, content[:k]]
-                    if role == "assistant":
-                        spans.append((at + len(head), at + len(head) + k))
-                    cut = True
-                    break
-            if role == "assistant":
-                start = at + len(head)
-                end = start + len(content) + len(END_OF_TURN)
-                parts += [head, content, END_OF_TURN, "\n"]
-                spans.append((start, end))
-                at = end + 1
-            else:
-                piece = f"{head}{content}{END_OF_TURN}\n"
-                parts.append(piece)
-                at += len(piece)
-        texts.append("".join(parts))
-        all_spans.append(spans)
-        partial.append(cut)
-    return texts, all_spans, partial
-
-
 @dataclass
 class TemplateSetup:
     """What prepare_tokenizer did, for the run log and for the model's config."""
@@ -139,7 +92,8 @@ def prepare_tokenizer(tokenizer, template_file: str | None = None) -> TemplateSe
 
     A tokenizer with its own chat template keeps it (unless `template_file` overrides it); one without
     (gpt2) gets chattune's ChatML template, whose <|im_start|>/<|im_end|> are added as special tokens
-    and <|im_end|> becomes the eos token the model learns to emit. The pad token never equals the
+    (and <tool_call>/</tool_call> as plain added tokens) and <|im_end|> becomes the eos token the model
+    learns to emit. The pad token never equals the
     end-of-turn token: labels come from the assistant mask, and a distinct pad keeps that obvious.
     """
     added: list[str] = []
@@ -158,6 +112,12 @@ def prepare_tokenizer(tokenizer, template_file: str | None = None) -> TemplateSe
         if new:
             tokenizer.add_special_tokens({"additional_special_tokens": new})
             added += new
+        # one token each for the tool-call tags: a call starts with one decision, and they are plain (not special)
+        # tokens so decoded replies keep them for the parser; bench/toolcall_tokens.py measured the choice
+        tags = [t for t in (CALL_START, CALL_END) if t not in tokenizer.get_vocab()]
+        if tags:
+            tokenizer.add_tokens(tags)
+            added += tags
         tokenizer.chat_template = chattune_template()
         tokenizer.eos_token = END_OF_TURN
         if tokenizer.pad_token is None and original_eos and original_eos != END_OF_TURN:
@@ -182,51 +142,59 @@ def _template_kwargs(tokenizer) -> dict:
     return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
 
 
-def render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
-    """Render conversations to text with the tokenizer's template (no loss spans)."""
+def _jinja(tokenizer, conversations: list[list[dict]], tools: list | None, **kw):
+    """render_jinja_template with each conversation's own tools (transformers takes one tools list per call)."""
+    kw = {**_template_kwargs(tokenizer), "chat_template": tokenizer.chat_template, **kw}
     with sandbox_errors(tokenizer):
-        texts, _ = render_jinja_template(
-            conversations=conversations,
-            chat_template=tokenizer.chat_template,
-            add_generation_prompt=add_generation_prompt,
-            **_template_kwargs(tokenizer),
-        )
-    return texts
+        if not tools or not any(tools):
+            return render_jinja_template(conversations=conversations, **kw)
+        texts, spans = [], []
+        for conv, t in zip(conversations, tools):
+            text, span = render_jinja_template(conversations=[conv], tools=t or None, **kw)
+            texts += text
+            spans += span if span else []
+        return texts, spans
 
 
-def render_with_spans(tokenizer, conversations: list[list[dict]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """Render conversations and return, for each, the character spans that carry loss.
+def render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
+           tools: list | None = None) -> list[str]:
+    """Render conversations to text with the tokenizer's template (no loss spans); tools: each conversation's
+    tool definitions (or None), handed to the template as transformers' `tools=`."""
+    return _jinja(tokenizer, conversations, tools, add_generation_prompt=add_generation_prompt)[0]
+
+
+def render_with_spans(tokenizer, conversations: list[list[dict]], tools: list | None = None
+                      ) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """Render conversations (with each one's tools, if any) and return, for each, the character spans that
+    carry loss.
 
     With generation tags the template marks the spans itself. Without them (a model's own template),
     each assistant reply's span is what rendering up to that reply adds to rendering the history
     with the generation prompt; templates that rewrite earlier turns cannot be split this way.
     """
     with sandbox_errors(tokenizer):
-        return _render_with_spans(tokenizer, conversations)
+        return _render_with_spans(tokenizer, conversations, tools)
 
 
-def _render_with_spans(tokenizer, conversations):
+def _render_with_spans(tokenizer, conversations, tools):
     template = tokenizer.chat_template
     if not template:
         raise ChattuneError("the tokenizer has no chat template; call prepare_tokenizer first")
     if is_chattune_template(template):
-        return render_chatml(conversations)
-    kwargs = _template_kwargs(tokenizer)
+        return render_chatml(conversations, tools)
     if has_generation_tags(template):
-        texts, spans = render_jinja_template(
-            conversations=conversations, chat_template=template, return_assistant_tokens_mask=True, **kwargs
-        )
+        texts, spans = _jinja(tokenizer, conversations, tools, return_assistant_tokens_mask=True)
         return texts, [list(s) for s in spans]
     texts, all_spans = [], []
-    for conv in conversations:
+    for c, conv in enumerate(conversations):
+        t = [tools[c]] if tools else None
         spans = []
-        full = render_jinja_template(conversations=[conv], chat_template=template, **kwargs)[0][0]
+        full = _jinja(tokenizer, [conv], t)[0][0]
         for i, m in enumerate(conv):
             if m["role"] != "assistant":
                 continue
-            before = render_jinja_template(conversations=[conv[:i]], chat_template=template,
-                                           add_generation_prompt=True, **kwargs)[0][0] if i else ""
-            upto = render_jinja_template(conversations=[conv[: i + 1]], chat_template=template, **kwargs)[0][0]
+            before = _jinja(tokenizer, [conv[:i]], t, add_generation_prompt=True)[0][0] if i else ""
+            upto = _jinja(tokenizer, [conv[: i + 1]], t)[0][0]
             if not (upto.startswith(before) and full.startswith(upto)):
                 raise ChattuneError(
                     "the model's chat template rewrites earlier turns, so assistant replies cannot be located for "
@@ -254,10 +222,11 @@ def check_roles(tokenizer, roles: dict[str, str]) -> None:
         marker = f"chattune-probe-{role}-7d1f"
         probe = ([{"role": "system", "content": marker}, {"role": "user", "content": "hi"},
                   {"role": "assistant", "content": "hello"}] if role == "system" else
-                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "calling"},
-                  {"role": role, "content": marker}, {"role": "assistant", "content": "done"}])
+                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]},
+                  {"role": role, "content": marker, "tool_call_id": "call_0", "name": _PROBE_TOOL["function"]["name"]},
+                  {"role": "assistant", "content": "done"}])
         try:
-            text = render_with_spans(tokenizer, [probe])[0][0]
+            text = render_with_spans(tokenizer, [probe], [[_PROBE_TOOL]] if role == "tool" else None)[0][0]
         except BlockedTemplate:
             raise
         except Exception as e:  # jinja's raise_exception and template bugs alike
@@ -269,5 +238,44 @@ def check_roles(tokenizer, roles: dict[str, str]) -> None:
                                 f"the model would never see them; {_ROLE_HINT}")
 
 
+_PROBE_TOOL = {"type": "function", "function": {"name": "chattune_probe_fn_7d1f",
+                                                "description": "chattune-probe-doc-7d1f",
+                                                "parameters": {"type": "object", "properties": {}}}}
+_PROBE_CALL = {"id": "call_0", "type": "function",
+               "function": {"name": "chattune_probe_fn_7d1f", "arguments": {"chattune_probe_arg": 1}}}
+
+
+def check_tools(tokenizer, where: str) -> None:
+    """Refuse tool data when the model's own template would not show the model its tools or calls: transformers
+    hands a template `tools=` and assistant `tool_calls`, and a template without tool support ignores them."""
+    problem = tool_template_problem(tokenizer, f"such as {where}", f"the data has them, e.g. {where}")
+    if problem:
+        raise ChattuneError(f"{problem}; {_TOOL_HINT}")
+
+
+def tool_template_problem(tokenizer, such: str = "", has: str = "") -> str | None:
+    """Why the model's chat template cannot show a model its tools or calls, or None when it can (chattune's own
+    template, or a template that renders both); `such` and `has` add context to the text ("such as X", "the data
+    has them")."""
+    template = tokenizer.chat_template
+    if not template or is_chattune_template(template):
+        return None
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}]
+    try:
+        text = render_with_spans(tokenizer, [probe], [[_PROBE_TOOL]])[0][0]
+    except BlockedTemplate:
+        raise
+    except Exception as e:  # jinja's raise_exception and template bugs alike
+        return (f"the model's chat template cannot render tool calls{' ' + such if such else ''} (rendering one "
+                f"fails: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    for what, needle in (("tool definitions", "chattune-probe-doc-7d1f"), ("tool calls", "chattune_probe_arg")):
+        if needle not in text:
+            return (f"the model's chat template ignores {what}{f' ({has})' if has else ''}, so the model would never "
+                    "see them")
+    return None
+
+
+_TOOL_HINT = ("pass --chat-template with a template that renders tools= and tool_calls (chattune's own does, in the "
+              "Hermes/Qwen <tool_call> layout), or train a model whose template supports tools")
 _ROLE_HINT = ("pass --chat-template with a template that renders every role (chattune's own renders any role), or "
               "remove those turns from the data (sharegpt 'observation' turns become 'tool' messages)")

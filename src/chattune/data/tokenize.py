@@ -23,14 +23,17 @@ from itertools import chain
 
 import numpy as np
 
+from chattune.data.chatml import columns_of
 from chattune.data.digest import code_digest, tokenizer_digest
 from chattune.data.template import (
     check_roles,
+    check_tools,
     cut_point,
     is_chattune_template,
     render_chatml_columns,
     render_with_spans,
 )
+from chattune.data.tools import MESSAGE_FIELDS, from_arrow
 from chattune.errors import ChattuneError
 from chattune.outputs import IGNORE_INDEX
 
@@ -201,9 +204,11 @@ def _split_rows(flat: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
     return [x.tolist() for x in np.split(flat, np.cumsum(lengths)[:-1])] if len(lengths) else []
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int | None = None) -> dict:
-    """Tokenize a batch of canonical conversations; returns columns input_ids, labels, length."""
-    texts, spans = render_with_spans(tokenizer, conversations)
+def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int | None = None,
+                         tools: list | None = None) -> dict:
+    """Tokenize a batch of canonical conversations (tools: each one's tool definitions, or None); returns
+    columns input_ids, labels, length."""
+    texts, spans = render_with_spans(tokenizer, conversations, tools)
     out = Encoder(tokenizer, max_length).encode(texts, spans)
     return {"input_ids": _split_rows(out["ids"], out["lengths"]), "labels": _split_rows(out["labels"], out["lengths"]),
             "length": out["lengths"].tolist()}
@@ -243,15 +248,6 @@ class PrepStats:
         return msg
 
 
-def _columns_of(table) -> tuple[list, list, list[int]]:
-    """A batch's `messages` column as flat role and content lists and each conversation's bounds,
-    read field by field (faster than letting Arrow build a dict per message)."""
-    col = table.column("messages").combine_chunks()
-    offsets = col.offsets.to_numpy()
-    values = col.flatten()
-    return values.field("role").to_pylist(), values.field("content").to_pylist(), (offsets - offsets[0]).tolist()
-
-
 class _BatchFn:
     """The map function: an Arrow batch of conversations (or texts) in, an Arrow batch of rows out."""
 
@@ -270,24 +266,30 @@ class _BatchFn:
             enc = {"ids": flat, "labels": flat, "lengths": lengths, "n_loss": lengths,
                    "truncated": np.array(over, dtype=bool)}
         else:
-            roles, contents, bounds = _columns_of(table)
+            roles, contents, bounds, calls, tools = columns_of(table)
             if is_chattune_template(self.tokenizer.chat_template):
                 # with a max length, render only about twice what its tokens should need
                 budget = int(2 * (self.max_length + 1) * self.encoder.chars_per_token) + 64 if \
                     self.encoder.prefix else None
-                texts, spans, partial = render_chatml_columns(roles, contents, bounds, budget)
+                texts, spans, partial = render_chatml_columns(roles, contents, bounds, budget, calls, tools)
 
                 def whole(i):
                     if not partial[i]:
                         return texts[i], spans[i]
-                    full_texts, full_spans, _ = render_chatml_columns(roles, contents, bounds[i:i + 2])
+                    full_texts, full_spans, _ = render_chatml_columns(
+                        roles, contents, bounds[i:i + 2], None, calls, tools[i:i + 1] if tools else None)
                     return full_texts[0], full_spans[0]
 
                 enc = self.encoder.encode(texts, spans, whole)
-            else:
+            elif tools is None:
                 convs = [[{"role": r, "content": c} for r, c in zip(roles[a:b], contents[a:b])]
                          for a, b in zip(bounds[:-1], bounds[1:])]
                 texts, spans = render_with_spans(self.tokenizer, convs)
+                enc = self.encoder.encode(texts, spans)
+            else:
+                pairs = [from_arrow(m, t) for m, t in zip(table.column("messages").to_pylist(),
+                                                          table.column("tools").to_pylist())]
+                texts, spans = render_with_spans(self.tokenizer, [m for m, _ in pairs], [t for _, t in pairs])
                 enc = self.encoder.encode(texts, spans)
         offsets = pa.array(np.r_[0, np.cumsum(enc["lengths"])].astype(np.int32))
         return pa.table({
@@ -324,6 +326,15 @@ def first_turns(dataset) -> dict[str, str]:
     return out
 
 
+def first_tool_use(dataset) -> str:
+    """Where a tool-schema dataset first declares tools or uses them ('conversation 3'), for messages; read row
+    by row, which stops at the first (nearly always the first row)."""
+    for i, row in enumerate(dataset.select_columns(["messages", "tools"])):
+        if row["tools"] or any(m.get(k) for m in row["messages"] for k in MESSAGE_FIELDS):
+            return f"conversation {i}"
+    return "conversation 0"
+
+
 def workers(n_rows: int) -> int | None:
     """Processes for a map over n_rows; CHATTUNE_NUM_PROC overrides (1: in-process).
 
@@ -353,6 +364,8 @@ def prepare_split(dataset, tokenizer, max_length: int | None, kind: str = "messa
                          "length": Value("int32"), "n_loss": Value("int32"), "truncated": Value("bool")})
     if kind != "text" and not is_chattune_template(tokenizer.chat_template):
         check_roles(tokenizer, first_turns(dataset))
+        if "tools" in dataset.column_names:
+            check_tools(tokenizer, first_tool_use(dataset))
     if num_proc == -1:
         num_proc = workers(len(dataset))
     fingerprint = fingerprint or prep_fingerprint(dataset, tokenizer, max_length, kind)

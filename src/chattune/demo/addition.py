@@ -35,7 +35,8 @@ def is_held_out(a: int, b: int, fraction: float = 0.1) -> bool:
     return h < fraction * 2**32
 
 
-def _pairs(held_out: bool) -> list[tuple[int, int]]:
+def operand_pairs(held_out: bool) -> list[tuple[int, int]]:
+    """Every two-digit operand pair on one side of the held-out split."""
     return [(a, b) for a in range(10, 100) for b in range(10, 100) if is_held_out(a, b) == held_out]
 
 
@@ -58,7 +59,7 @@ def addition_splits(n_train: int = 4000, n_test: int = 200, seed: int = 0, **con
     """Rows in the ultrachat schema (prompt, prompt_id, messages); test rows use held-out pairs only."""
     rng = random.Random(seed)
     out = {}
-    for split, n, pairs in (("train_gen", n_train, _pairs(False)), ("test_gen", n_test, _pairs(True))):
+    for split, n, pairs in (("train_gen", n_train, operand_pairs(False)), ("test_gen", n_test, operand_pairs(True))):
         rows = []
         for _ in range(n):
             msgs = conversation(rng, pairs, **conv_kw)

@@ -3,6 +3,10 @@
 Each turn re-renders the whole history with the tokenizer's saved chat template (the one training
 used), so the model sees exactly the token layout it was trained on, and generation stops at the
 end-of-turn token; the oldest exchanges are dropped when the history outgrows the context.
+
+With tools, the template shows the model their definitions; a reply that calls tools joins the history as an
+assistant message with tool_calls (parsed from its text), `pending_calls` holds them, and
+`stream_tool_results` hands the results back and streams the model's next reply.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from chattune.data.template import sandbox_errors
 from chattune.errors import ChattuneError
 from chattune.inference.generate import sampling_kwargs, stop_token_ids, until_stop
+from chattune.inference.toolcalls import assistant_message, parse_tool_calls
 from chattune.model.load import context_length
 
 
@@ -30,9 +35,13 @@ class _Stop:
 
 class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None):
+                 temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None, tools: list | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.system = system
+        self.tools = tools or None  # canonical tool definitions (data.tools.normalize_tools)
+        self.pending_calls: list[dict] = []  # the last reply's tool calls, waiting for their results
+        self.invalid_calls = 0  # call blocks in the last reply whose JSON was not a call (left as text)
+        self.turns = 0
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p = temperature, top_p
         self.context = context_length(model.config)
@@ -49,13 +58,15 @@ class ChatSession:
         if system is not None:
             self.system = system or None
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.pending_calls = []
 
     def prompt_ids(self, messages: list[dict] | None = None) -> list[int]:
         """The tokens the model is given: the history rendered with the saved template, then the
         assistant header; the same tokens training produced for this history."""
         with sandbox_errors(self.tokenizer):
             enc = self.tokenizer.apply_chat_template(self.messages if messages is None else messages,
-                                                     add_generation_prompt=True, tokenize=True, return_dict=True)
+                                                     tools=self.tools, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
         return list(enc["input_ids"])
 
     def _fit_context(self) -> list[int]:
@@ -86,15 +97,28 @@ class ChatSession:
     def stream(self, text: str) -> Iterator[str]:
         """Add a user message and yield the reply as it is generated; the reply joins the history when
         it is complete. An interrupted or failed turn leaves the history as it was."""
+        if self.pending_calls:
+            raise ChattuneError(f"the model called {len(self.pending_calls)} tool(s): give their results first")
+        yield from self._turn([{"role": "user", "content": text}])
+
+    def stream_tool_results(self, results: list[str]) -> Iterator[str]:
+        """Hand back one result per pending tool call, in order, and yield the model's next reply."""
+        if len(results) != len(self.pending_calls):
+            raise ChattuneError(f"{len(self.pending_calls)} tool call(s) wait for a result, got {len(results)}")
+        yield from self._turn([{"role": "tool", "content": r, "tool_call_id": c["id"], "name": c["function"]["name"]}
+                               for r, c in zip(results, self.pending_calls)])
+
+    def _turn(self, new: list[dict]) -> Iterator[str]:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        saved = list(self.messages)
+        saved, pending = list(self.messages), self.pending_calls
         self.notices = []
-        self.messages.append({"role": "user", "content": text})
+        self.messages += new
+        self.pending_calls = []
         try:
             ids = self._fit_context()
         except ChattuneError:
-            self.messages = saved
+            self.messages, self.pending_calls = saved, pending
             raise
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
@@ -127,13 +151,19 @@ class ChatSession:
                 stop.requested = True
             thread.join()
             if not finished or "error" in result:
-                self.messages = saved
+                self.messages, self.pending_calls = saved, pending
         if "error" in result:
             raise result["error"]
         reply_ids, _ = until_stop(result["ids"][0, len(ids):].tolist(), self.stops)
         self.last_prompt_ids, self.last_reply_ids = ids, reply_ids
         reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True)
-        self.messages.append({"role": "assistant", "content": reply})
+        self.turns += 1
+        if self.tools:
+            parsed = parse_tool_calls(reply, id_prefix=f"call_{self.turns}")
+            self.pending_calls, self.invalid_calls = parsed.tool_calls, parsed.invalid
+            self.messages.append(assistant_message(parsed))
+        else:
+            self.messages.append({"role": "assistant", "content": reply})
 
     def reply(self, text: str) -> str:
         return "".join(self.stream(text))

@@ -137,13 +137,21 @@ class Engine:
 
     # ---- prompts -------------------------------------------------------------------------------
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """The prompt tokens: the conversation rendered with the saved chat template and the assistant
-        header, exactly as `chattune chat` and `generate_replies` render it."""
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, reply_start: str = "") -> list[int]:
+        """The prompt tokens: the conversation (and its tool definitions) rendered with the saved chat template
+        and the assistant header, exactly as `chattune chat` and `generate_replies` render it; `reply_start`: text
+        the reply is made to begin with (its tokens follow the header)."""
         with self._tok_lock:
             enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
-        return list(enc["input_ids"])
+                                                     return_dict=True, **({"tools": tools} if tools else {}))
+            start = self.tokenizer(reply_start, add_special_tokens=False)["input_ids"] if reply_start else []
+        return list(enc["input_ids"]) + list(start)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of `text` when the tokenizer has it as one token, else None."""
+        with self._tok_lock:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 else None
 
     def encode_text(self, prompt: str) -> list[int]:
         with self._tok_lock:

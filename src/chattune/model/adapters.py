@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from chattune.errors import ChattuneError
-from chattune.model.hub import load_pretrained, load_tokenizer
+from chattune.model.hub import check_model_source, load_pretrained, load_tokenizer
 from chattune.outputs import (
     ADAPTER_CONFIG_FILE,
     CONFIG_FILE,
@@ -151,6 +151,7 @@ def load_adapter_model(path, trust_remote_code: bool = False, dtype=None, merge:
     from transformers import GenerationConfig
 
     path = Path(str(path)).expanduser()
+    check_model_source(str(path))  # an adapter whose final save did not finish: one line, before the base loads
     config = PeftConfig.from_pretrained(str(path))
     base_name = config.base_model_name_or_path
     if not base_name:

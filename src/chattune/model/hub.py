@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from chattune.errors import ChattuneError
+from chattune.model.manifest import check_complete
 from chattune.outputs import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE
 
 
@@ -33,6 +34,8 @@ def check_model_source(name: str) -> None:
         raise ChattuneError(f"model directory not found: {name}")
     if p.exists() and not p.is_dir():
         raise ChattuneError(f"--model must be a directory or a hub id, but {name} is a file")
+    if p.is_dir():
+        check_complete(p)  # a chattune run whose final save did not finish: one line naming the fix
     if p.is_dir() and not (p / MODEL_CONFIG_FILE).is_file() and not (p / ADAPTER_CONFIG_FILE).is_file():
         raise ChattuneError(f"{name} is not a model directory: it has no config.json")
 

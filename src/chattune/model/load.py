@@ -11,6 +11,7 @@ from chattune.data.template import TemplateSetup, prepare_tokenizer
 from chattune.errors import ChattuneError
 from chattune.model.adapters import is_adapter_dir, load_adapter_model
 from chattune.model.hub import load_pretrained, load_tokenizer
+from chattune.model.manifest import check_complete
 
 log = logging.getLogger("chattune")
 
@@ -81,14 +82,9 @@ def load_model(name: str, revision: str | None = None, trust_remote_code: bool =
 
 def check_model_complete(path, content: bool = True) -> None:
     """Refuse a chattune model directory whose final save did not finish (or whose files changed since), with
-    one line naming the fix; `content` also verifies checksums. Readers that hand a model on (export) call it.
-
-    MERGE POINT, branch harden-rundir: it adds chattune.model.manifest.check_complete (the final-save
-    manifest). Until it is on main there is no record to check; once it is, drop the ImportError fallback."""
-    try:
-        from chattune.model.manifest import check_complete
-    except ImportError:
-        return
+    one line naming the fix (model.manifest.check_complete); `content` also verifies checksums (reads every
+    byte). Readers that hand a model on (export) call it with content; every load checks sizes
+    (hub.check_model_source)."""
     check_complete(path, content=content)
 
 

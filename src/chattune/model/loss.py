@@ -29,7 +29,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T + b, y_i); gradients are computed in forward and scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows, matmul_dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, matmul_dtype, row_weights=None):
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if needs_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_w else None
@@ -41,25 +41,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk_rows):
                 h, y = hidden[s:s + chunk_rows].to(matmul_dtype), targets[s:s + chunk_rows]
-                logits = buffer[:len(y)]
-                if matmul_dtype == torch.float32:
-                    torch.mm(h, w.t(), out=logits)
-                else:
-                    logits.copy_(h @ w.t())
-                if bias is not None:
-                    logits += bias.float()
+                logits = logits_into(h, w, bias, buffer[:len(y)])
                 target_logit = logits.gather(1, y[:, None]).squeeze(1)
                 # softmax in place with a single exp per element: the elementwise passes over the
                 # (rows, vocab) block are the part of the head that is not matmul
                 top = logits.amax(-1, keepdim=True)
                 probs = logits.sub_(top).exp_()
                 sums = probs.sum(-1)
-                total += (top.squeeze(1) + sums.log() - target_logit).sum()
+                row_loss = top.squeeze(1) + sums.log() - target_logit
+                rw = row_weights[s:s + chunk_rows] if row_weights is not None else None
+                total += (row_loss * rw).sum() if rw is not None else row_loss.sum()
                 if grad_h is None and grad_w is None and grad_b is None:
                     continue
                 # d CE / d logits = softmax - onehot
                 probs.div_(sums[:, None])
                 probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                if rw is not None:  # rows of weight 0 (padding up to a fixed row count) give no gradient
+                    probs.mul_(rw[:, None])
                 if grad_b is not None:
                     grad_b += probs.sum(0)
                 g = probs.to(matmul_dtype)
@@ -80,21 +78,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         gb = (grad_b * grad_out).to(ctx.bias_dtype) if grad_b is not None else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
-def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int | None = None):
+def logits_into(h, w, bias, out):
+    """h @ w^T (+ bias) written into the float32 buffer `out` (one allocation reused for every chunk)."""
+    if h.dtype == torch.float32:
+        torch.mm(h, w.t(), out=out)
+    else:
+        out.copy_(h @ w.t())
+    if bias is not None:
+        out += bias.float()
+    return out
+
+
+def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int | None = None, row_weights=None):
     """Summed cross-entropy of the linear head over rows of `hidden` (N, H) with targets (N,).
 
     Under autocast the matmuls run in the autocast dtype (as the model's own head would) and the
-    softmax in float32.
+    softmax in float32. `row_weights` (N,) of 0/1 leave rows out of the sum and the gradients (rows
+    added only to keep a fixed number of rows for a compiled step).
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0  # a differentiable zero for a batch without loss tokens
     device = hidden.device.type
     rows = chunk_rows or chunk_rows_for(weight.shape[0], device)
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, dtype)
+    if row_weights is not None:
+        row_weights = row_weights.to(torch.float32)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, dtype, row_weights)
 
 
 @torch.no_grad()
@@ -153,19 +165,31 @@ def install_selective_head(model) -> None:
         return
     original = model.forward
 
-    def forward(self, *args, selective_labels=None, with_accuracy=False, **kwargs):
+    def forward(self, *args, selective_labels=None, with_accuracy=False, loss_index=None, loss_targets=None,
+                loss_valid=None, **kwargs):
         if selective_labels is None:
             return original(*args, **kwargs)
         kwargs["use_cache"] = False
         backbone = getattr(self, self.base_model_prefix)
         hidden = backbone(*args, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if loss_index is not None and not with_accuracy:
+            # the positions came from the collator, found on the host (collate.PadCollator.facts): no search on
+            # the device, whose size the host would have to wait for; padded rows (loss_valid 0) weigh nothing
+            parts = head_parts(head)
+            if parts is not None:
+                h, n = flat.index_select(0, loss_index), loss_index.shape[0]
+                n_tokens = (loss_valid.sum().long() if loss_valid is not None
+                            else hidden.new_full((), n, dtype=torch.long))
+                return {"loss_sum": linear_cross_entropy_sum(h, *parts, loss_targets, row_weights=loss_valid),
+                        "n_tokens": n_tokens}
         targets = selective_labels[:, 1:]
         mask = targets != IGNORE_INDEX
-        head = self.get_output_embeddings()
         # gathered by position: boolean indexing would search the mask again in backward, and on a GPU
         # every such search makes the host wait for the device
         rows, cols = mask.nonzero(as_tuple=True)
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows * hidden.shape[1] + cols)
+        h = flat.index_select(0, rows * hidden.shape[1] + cols)
         y = targets[rows, cols]
         parts = head_parts(head)
         if parts is None:  # a head wrapped after install (e.g. sharded): its own forward, on loss rows only

@@ -5,6 +5,9 @@ Each one was measured with bench/train_speed.py; the README's Performance sectio
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from chattune.outputs import IGNORE_INDEX
@@ -68,6 +71,55 @@ def loss_inputs(model_inputs: dict, labels: torch.Tensor, causal: bool) -> dict:
         if bool((labels[mask == 0] == IGNORE_INDEX).all()):
             model_inputs = {k: v for k, v in model_inputs.items() if k != "attention_mask"}
     return model_inputs
+
+
+def cache_library_probes() -> None:
+    """accelerate's optimizer wrapper asks importlib twice per optimizer step whether `lomo_optim` is installed
+    (is_lomo_available: a find_spec walk over sys.path); the answer cannot change during a run."""
+    import functools
+
+    import accelerate.optimizer as wrapper
+
+    if not hasattr(wrapper.is_lomo_available, "cache_info"):
+        wrapper.is_lomo_available = functools.lru_cache(maxsize=None)(wrapper.is_lomo_available)
+
+
+_UNPACKED_ROWS = contextvars.ContextVar("chattune_unpacked_rows", default=False)
+
+
+@contextlib.contextmanager
+def unpacked_rows():
+    """Within: the forward's rows are one sequence each with the model's own positions (0, 1, 2, ...) and no
+    attention mask, which the host knows from the collator. transformers then asks the device twice per forward
+    what that already says (find_packed_sequence_indices: are positions restarting inside a row? and
+    warn_if_padding_and_no_attention_mask: is a pad id at a row's end?); each answer read back makes the
+    host wait for a GPU. With install_unpacked_shortcuts, both take the known answer (not packed; no warning)."""
+    token = _UNPACKED_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _UNPACKED_ROWS.reset(token)
+
+
+def install_unpacked_shortcuts() -> None:
+    """Patch the two checks once (they behave as before outside `unpacked_rows()`)."""
+    import transformers.masking_utils as masking
+    from transformers import PreTrainedModel
+
+    if getattr(masking, "_chattune_unpacked", False) or not hasattr(masking, "find_packed_sequence_indices"):
+        return
+    find, warn = masking.find_packed_sequence_indices, PreTrainedModel.warn_if_padding_and_no_attention_mask
+
+    def find_packed_sequence_indices(position_ids):
+        return None if _UNPACKED_ROWS.get() else find(position_ids)
+
+    def warn_if_padding_and_no_attention_mask(self, input_ids, attention_mask):
+        if not _UNPACKED_ROWS.get():
+            warn(self, input_ids, attention_mask)
+
+    masking.find_packed_sequence_indices = find_packed_sequence_indices
+    PreTrainedModel.warn_if_padding_and_no_attention_mask = warn_if_padding_and_no_attention_mask
+    masking._chattune_unpacked = True
 
 
 def is_causal_lm(model) -> bool:

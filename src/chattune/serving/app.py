@@ -20,8 +20,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from chattune.data.template import CALL_START, tool_template_problem
 from chattune.inference.decoding import SamplingParams
 from chattune.inference.engine import EngineClosed, Event, PromptTooLong
+from chattune.serving import tools
 from chattune.serving.errors import APIError, error_body, install_error_handlers
 from chattune.serving.schemas import ChatCompletionRequest, CompletionRequest, template_messages
 
@@ -139,8 +141,12 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, shutd
             job.cancel()  # frees the slots of a client that went away; no-op for finished requests
         return choices, sum(c["tokens"] for c in choices)
 
-    def stream(job: _Job, chunk, include_usage: bool, first=None) -> EventSourceResponse:
+    def stream(job: _Job, chunk, include_usage: bool, first=None, pieces=None) -> EventSourceResponse:
+        """SSE of the job's events: chunk(i, payload, finish) builds one chunk; pieces(i, event) -> [(payload,
+        finish)] turns an event into chunk contents (by default its text, then its finish reason)."""
         shutdown = anyio.Event()  # sse-starlette sets it when the server starts shutting down
+        pieces = pieces or (lambda i, ev: ([(ev.text, None)] if ev.text else [])
+                            + ([(None, ev.finish_reason)] if ev.finish_reason else []))
 
         async def body():
             completion, failure = 0, None
@@ -151,11 +157,10 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, shutd
                     if ev.error:
                         failure = ev.error
                         break
-                    if ev.text:
-                        yield _sse(chunk(i, ev.text, None))
+                    for payload, finish in pieces(i, ev):
+                        yield _sse(chunk(i, payload, finish))
                     if ev.finish_reason:
                         completion += ev.completion_tokens
-                        yield _sse(chunk(i, None, ev.finish_reason))
             except ShuttingDown:
                 failure = "the server is shutting down; the reply was cut short"
             finally:
@@ -188,35 +193,61 @@ def create_app(engine, served_model_name: str, api_key: str | None = None, shutd
         check_model(model_id)
         return model_card()
 
+    @functools.cache
+    def tool_problem() -> str | None:
+        try:
+            return tool_template_problem(engine.tokenizer)
+        except Exception as e:  # a template the sandbox blocks: the messages' rendering will say so too
+            return str(e)
+
+    def tool_plan(body: ChatCompletionRequest, params: SamplingParams) -> tools.ToolPlan:
+        """The request's tool settings; with tool_choice "none" the call tag is banned through `params`."""
+        plan = tools.plan(body)
+        uses_tools = plan.tools or any(m.tool_calls or m.role == "tool" for m in body.messages)
+        if uses_tools and (problem := tool_problem()):
+            raise APIError(400, f"this server's model cannot take tools: {problem}", param="tools")
+        if plan.ban_call_tag and (tag := engine.token_id(CALL_START)) is not None:
+            params.logit_bias = {**params.logit_bias, tag: -100.0}
+        return plan
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, http_request: Request) -> Response:
         params = checked_params(body)
+        plan = tool_plan(body, params)
         messages = template_messages(body.messages)
         try:
-            ids = await run_in_threadpool(engine.encode_chat, messages)
+            ids = await run_in_threadpool(engine.encode_chat, messages, plan.tools, plan.reply_start)
         except Exception as e:  # a model's own template may reject a conversation (roles, alternation)
             raise APIError(400, f"the model's chat template cannot render these messages: {e}",
                            param="messages") from None
         job = start([ids], params, "messages")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        call_ids = f"call_{rid[9:33]}"  # call ids: call_<24 hex>_<k>, unique per request
 
-        def chunk(i, text, finish):
-            if text is None:
-                delta = {}
-            else:
-                delta = {"role": "assistant", "content": ""} if text is ROLE else {"content": text}
+        def chunk(i, delta, finish):
+            delta = {"role": "assistant", "content": ""} if delta is ROLE else delta or {}
             choices = [] if i is None else [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": served_model_name,
                     "system_fingerprint": None, "choices": choices}
 
         if body.stream:
-            return stream(job, chunk, body.include_usage, first=ROLE)
+            deltas = [tools.DeltaStream(plan, call_ids) for _ in job.requests]
+
+            def pieces(i, ev):
+                out = [(d, None) for d in deltas[i].feed(ev.text)]
+                if ev.finish_reason:
+                    rest, finish = deltas[i].finish(ev.finish_reason)
+                    out += [(d, None) for d in rest] + [(None, finish)]
+                return out
+
+            return stream(job, chunk, body.include_usage, first=ROLE, pieces=pieces)
         choices, completion = await run(job, http_request)
+        replies = [tools.reply_message(plan, "".join(c["text"]), c["finish_reason"], call_ids) for c in choices]
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": now, "model": served_model_name,
             "system_fingerprint": None, "usage": _usage(job.prompt_tokens, completion),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c["text"])},
-                         "logprobs": None, "finish_reason": c["finish_reason"]} for i, c in enumerate(choices)]})
+            "choices": [{"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+                        for i, (message, finish) in enumerate(replies)]})
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, http_request: Request) -> Response:

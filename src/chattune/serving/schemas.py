@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, validated with pydantic, and the one place where request
 messages become the {role, content} messages the chat template renders (`template_messages`).
 
-Fields the official client may send that the server does not use (user, metadata, tools, ...) are
+Fields the official client may send that the server does not use (user, metadata, ...) are
 accepted and ignored (`extra="allow"`), so later features only add fields here and extend
 `template_messages`. Fields whose values change what a client gets back and that the server cannot honour
 (n > 1, logprobs, penalties, ...) are refused with a 400 naming them (`unsupported`), not silently dropped.
@@ -46,6 +46,19 @@ class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # assistant: earlier calls (arguments a JSON string); read by serving/tools
+    tool_call_id: str | None = None  # tool: the call this result answers
+
+
+class FunctionDefinition(_Open):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema object
+
+
+class ToolDefinition(_Open):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class StreamOptions(_Open):
@@ -117,6 +130,9 @@ class _Sampling(_Open):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict | None = None  # checked with the tools (serving/tools.py): its errors name the field
+    parallel_tool_calls: bool | None = None
 
     @property
     def token_limit(self) -> int | None:
@@ -137,8 +153,10 @@ class CompletionRequest(_Sampling):
         return prompts
 
 
-def _text(content, i: int, role: str) -> str:
+def _text(content, i: int, role: str, empty_ok: bool = False) -> str:
     if content is None:
+        if empty_ok:
+            return ""
         raise RequestError(f"messages[{i}] ({role}) has no content", f"messages.{i}.content")
     if isinstance(content, str):
         return content
@@ -152,10 +170,40 @@ def _text(content, i: int, role: str) -> str:
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """The conversation as the chat template takes it: {role, content} with text content. OpenAI's
-    'developer' role is the system prompt of newer models, so it renders as 'system'."""
-    out = []
+    """The conversation as the chat template takes it: {role, content} with text content, and chattune's
+    canonical tool fields (data/tools.py): an assistant message's `tool_calls` with arguments as objects, a tool
+    message's `tool_call_id` and `name` (the name of the call it answers). OpenAI's 'developer' role is the
+    system prompt of newer models, so it renders as 'system'. A tool message must answer a call of the
+    assistant message before it (tool messages in between)."""
+    from chattune.data.tools import ToolFormatError, normalize_call
+
+    out, calls = [], {}  # calls: id -> function name, of the last assistant message with calls
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": _text(m.content, i, m.role)})
+        calling = role == "assistant" and bool(m.tool_calls)
+        msg = {"role": role, "content": _text(m.content, i, m.role, empty_ok=calling)}
+        if m.tool_calls and role != "assistant":
+            raise RequestError(f"messages[{i}] ({role}) has tool_calls: only assistant messages call tools",
+                               f"messages.{i}.tool_calls")
+        if calling:
+            msg["tool_calls"] = []
+            for k, call in enumerate(m.tool_calls):
+                try:
+                    msg["tool_calls"].append(normalize_call(call, k))
+                except ToolFormatError as e:
+                    raise RequestError(f"messages[{i}]: {e}", f"messages.{i}.tool_calls.{k}") from None
+            calls = {c["id"]: c["function"]["name"] for c in msg["tool_calls"]}
+        elif role == "tool":
+            if not out or not (out[-1].get("tool_calls") or out[-1]["role"] == "tool") or not calls:
+                raise RequestError(f"messages[{i}] (tool) must answer a call: it follows an assistant message with "
+                                   "tool_calls (or another tool message)", f"messages.{i}")
+            if m.tool_call_id is not None and m.tool_call_id not in calls:
+                raise RequestError(f"messages[{i}] answers tool_call_id {m.tool_call_id!r}, which the assistant "
+                                   f"message before it does not make (its calls: {', '.join(map(str, calls))})",
+                                   f"messages.{i}.tool_call_id")
+            name = m.name or calls.get(m.tool_call_id) or (next(iter(calls.values())) if len(calls) == 1 else None)
+            msg.update({k: v for k, v in (("tool_call_id", m.tool_call_id), ("name", name)) if v is not None})
+        else:
+            calls = {}
+        out.append(msg)
     return out

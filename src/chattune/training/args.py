@@ -6,6 +6,27 @@ from chattune.training import early_stop
 from chattune.training.tracking import report_to_list, run_name
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cuda_kwargs(t) -> dict:
+    """What only pays on a CUDA GPU (a CPU run keeps the defaults): one fused AdamW kernel for all parameters
+    instead of a loop of foreach kernels (transformers 5's default already; explicit for older ones); batches
+    copied from pinned memory without the host waiting for the copy; the next batches collated by worker
+    processes while the GPU computes (unless --num-workers says)."""
+    kwargs = dict(optim="adamw_torch_fused", accelerator_config={"non_blocking": True})
+    if t.num_workers is None:
+        kwargs.update(dataloader_num_workers=CUDA_WORKERS, dataloader_prefetch_factor=4,
+                      dataloader_persistent_workers=True)
+    return kwargs
+
+
+CUDA_WORKERS = 2
+
+
 def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
     """transformers TrainingArguments fields from chattune's config: what every trainer (SFT, DPO) shares."""
     t = cfg.train
@@ -28,6 +49,7 @@ def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
         fp16=precision == "fp16",
         use_cpu=use_cpu,
         gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.compile,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
@@ -38,7 +60,7 @@ def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
         # transformers' own tracker integrations; each reads its own environment (tracking.py)
         report_to=report_to_list(t.report_to),
         run_name=run_name(cfg),
-        dataloader_num_workers=t.num_workers,
+        dataloader_num_workers=t.num_workers or 0,
         # page-locked host memory only speeds copies to a GPU; on a CPU it is a wasted copy
         dataloader_pin_memory=not use_cpu,
         include_num_input_tokens_seen="non_padding",
@@ -52,6 +74,7 @@ def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
         # every parameter gets a gradient each step; searching for unused ones costs a graph walk
         ddp_find_unused_parameters=False,
     )
+    kwargs.update(cuda_kwargs(t) if not use_cpu and _cuda() else {})
     # the best checkpoint by evaluation loss (early stopping, --load-best): a save at every evaluation
     kwargs.update(early_stop.trainer_kwargs(cfg, has_eval))
     return kwargs
@@ -64,3 +87,15 @@ def sft_args(cfg, precision: str, has_eval: bool, use_cpu: bool):
     # the data arrives tokenized, with labels; TRL must not re-tokenize, truncate or pack it
     return SFTConfig(**trainer_kwargs(cfg, precision, has_eval, use_cpu), dataset_kwargs={"skip_prepare_dataset": True},
                      max_length=None, packing=False)
+
+
+def dpo_args(cfg, precision: str, has_eval: bool, use_cpu: bool):
+    """TRL's DPOConfig for chattune's preference rows (tokenized and cut to data.max_length already: the
+    collator's own cut is a no-op safety net). Precision and gradient checkpointing come from chattune's config
+    like every other setting (TRL's own defaults are bf16, also on a CPU, and checkpointing on)."""
+    from trl import DPOConfig
+
+    d = cfg.dpo
+    return DPOConfig(**trainer_kwargs(cfg, precision, has_eval, use_cpu), max_length=cfg.data.max_length,
+                     beta=d.beta, loss_type=d.loss_types(), precompute_ref_log_probs=d.precompute_ref,
+                     disable_dropout=True)

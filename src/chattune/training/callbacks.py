@@ -28,7 +28,9 @@ class MetricsLogger(TrainerCallback):
         if "loss" in logs:
             record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
                       "tokens_per_second": logs.get("tokens_per_second"), "epoch": logs.get("epoch"),
-                      "grad_norm": logs.get("grad_norm"), "tokens_seen": state.num_input_tokens_seen or 0}
+                      "grad_norm": logs.get("grad_norm"), "tokens_seen": state.num_input_tokens_seen or 0,
+                      # a trainer's own metrics: TRL's DPO logs rewards/chosen, rewards/margins, logps/rejected ...
+                      **{k: v for k, v in logs.items() if "/" in k}}
             self._write(record)
         elif "eval_loss" in logs:
             record = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}

@@ -2,9 +2,13 @@
 
 The Trainer writes `checkpoint-N` in place, so a crash or a full disk mid-save leaves a partial
 directory that transformers' `get_last_checkpoint` would resume from. Here each checkpoint is
-written into a staging directory, given a manifest (every file with its size) and only then
-renamed into place; resume takes the newest checkpoint whose files all match their manifest, so a
-half-written or hand-truncated checkpoint is skipped in favour of the previous complete one.
+written into a staging directory, given a manifest (every file with its size and checksum,
+model/manifest.py) and only then renamed into place. Resume takes the newest checkpoint whose files all
+match their manifest and whose small files load: a half-written, truncated, bit-flipped or unloadable
+checkpoint is skipped, with its reason, in favour of the previous one.
+
+(transformers and torch are imported inside the functions that need them: the output-directory checks
+that use this module run before `chattune train` imports them.)
 """
 
 from __future__ import annotations
@@ -16,66 +20,73 @@ import re
 import shutil
 from pathlib import Path
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
 from chattune.errors import ChattuneError
+from chattune.model.manifest import HASH, describe, files_problem, fsync_path, read_record, write_record
 from chattune.outputs import CHECKPOINT_MANIFEST as MANIFEST
+from chattune.outputs import CHECKPOINT_PREFIX
 from chattune.outputs import CHECKPOINT_STAGING as STAGING
-from chattune.training.distributed import any_rank
 
 log = logging.getLogger("chattune")
 
-_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 
 class CheckpointError(ChattuneError):
     """A checkpoint could not be written, or none can be resumed from."""
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
+_fsync = fsync_path
 
 
 def write_manifest(directory: Path, step: int) -> Path:
-    """Record every file of a finished checkpoint with its size, flushed to disk, written last."""
+    """Record every file of a finished checkpoint with its size and checksum, flushed to disk, written last."""
     directory = Path(directory)
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        _fsync(path)
-        files[path.relative_to(directory).as_posix()] = path.stat().st_size
-    tmp = directory / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
-    _fsync(directory)
-    return directory / MANIFEST
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                   if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp"))
+    return write_record(directory / MANIFEST, {"step": step, "hash": HASH, "files": describe(directory, names)})
 
 
-def problem(directory: Path) -> str | None:
-    """Why `directory` cannot be resumed from, or None when every file matches its manifest."""
+def problem(directory: Path, content: bool = True) -> str | None:
+    """Why `directory` cannot be resumed from, or None when every file matches its manifest (sizes, and
+    checksums unless content=False) and its small files load."""
     directory = Path(directory)
     manifest = directory / MANIFEST
     if not manifest.is_file():
         return "it has no completion record (its save did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    record = read_record(manifest)
+    if record is None:
         return f"its {MANIFEST} is unreadable"
-    for name, size in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        actual = path.stat().st_size
-        if actual != size:
-            return f"{name} has {actual} bytes where {size} were written (truncated or changed)"
+    return files_problem(directory, record, content) or (load_problem(directory) if content else None)
+
+
+def load_problem(directory: Path) -> str | None:
+    """Why the checkpoint's files would not load, or None: trainer_state.json, the RNG and scheduler states,
+    the headers of the weights and the structure of the optimizer state (mapped, not read). A checkpoint that
+    passes its checksums may still hold bad data (written by an older chattune that recorded sizes only, or
+    broken before it was saved); without this, every --resume would crash on it."""
+    import torch
+    from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals
+
+    directory = Path(directory)
+    for path in sorted(directory.glob("trainer_state.json")):
+        try:
+            state = json.loads(path.read_text())
+            int(state["global_step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{path.name} cannot be loaded ({type(e).__name__})"
+    for pattern in ("*.safetensors", "rng_state*.pth", "scheduler.pt", "optimizer.pt"):
+        for path in sorted(directory.glob(pattern)):
+            try:
+                if path.suffix == ".safetensors":
+                    with safe_open(str(path), "pt"):
+                        pass
+                else:
+                    with safe_globals():  # the numpy RNG state, as the Trainer loads it
+                        torch.load(path, map_location="cpu", weights_only=True, mmap=path.name == "optimizer.pt")
+            except Exception as e:  # a corrupt zip, pickle or header raises whatever its reader raises
+                first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                return f"{path.name} cannot be loaded ({first})"
     return None
 
 
@@ -88,11 +99,12 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def newest_complete(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete checkpoint, and the newer ones skipped with the reason for each."""
+def newest_complete(output_dir: Path, content: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint, and the newer ones skipped with the reason for each; content=False
+    checks sizes only (to name a checkpoint in a message, not to resume from it)."""
     skipped = []
     for path in checkpoint_dirs(output_dir):
-        reason = problem(path)
+        reason = problem(path, content)
         if reason is None:
             return path, skipped
         skipped.append((path, reason))
@@ -107,6 +119,9 @@ def check_resume_target(path: Path) -> None:
     if reason is None:
         return
     if not (path / MANIFEST).is_file() and (path / "trainer_state.json").is_file():
+        reason = load_problem(path)
+        if reason is not None:
+            raise CheckpointError(f"--resume: {path} cannot be resumed from: {reason}")
         log.warning(f"{path} was not written by chattune, so its completeness cannot be checked; resuming anyway")
         return
     raise CheckpointError(f"--resume: {path} cannot be resumed from: {reason}. Pass --resume without a path to use "
@@ -138,8 +153,12 @@ class AtomicCheckpoints:
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
         run_dir = Path(super()._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        name = f"{CHECKPOINT_PREFIX}-{self.state.global_step}"
+        if self.args.should_save:
+            log.info(f"saving {name} ...")
         staging, final = run_dir / STAGING, run_dir / name
         error = None
         try:
@@ -185,26 +204,31 @@ class AtomicCheckpoints:
         step = self.state.best_global_step
         if not step:
             return
-        best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        best = run_dir / f"{CHECKPOINT_PREFIX}-{step}"
         if step == self.state.global_step or best.is_dir():
             self.state.best_model_checkpoint = str(best)
         if self.args.should_save and (staged / TRAINER_STATE_NAME).is_file():
             self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
 
     def _any_failed(self, error) -> bool:
+        from chattune.training.distributed import any_rank
+
         return any_rank([error is not None], self.args.device)[0]
 
     def _checkpoint_failed(self, run_dir: Path, name: str, error: Exception | None) -> None:
         if self.args.should_save:
             shutil.rmtree(run_dir / STAGING, ignore_errors=True)
-        previous, _ = newest_complete(run_dir)
-        kept = (f"the previous checkpoint, {previous}, is intact" if previous is not None
-                else "no earlier checkpoint exists")
+        previous, _ = newest_complete(run_dir, content=False)
+        if previous is not None:
+            kept = (f"the previous checkpoint, {previous}, is intact. Free disk space or fix the permissions, then "
+                    "rerun the same command with --resume")
+        else:  # nothing to resume from: advising --resume would only fail again
+            kept = ("no earlier checkpoint exists. Free disk space or fix the permissions, then run the training "
+                    "again")
         if error is None:
             cause = "the save failed on another process"
         elif isinstance(error, OSError) and error.strerror:
             cause = error.strerror + (f" ({error.filename})" if error.filename else "")
         else:
             cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        raise CheckpointError(f"could not write {name} in {run_dir}: {cause}. Training stopped; {kept}. Free disk "
-                              "space or fix the permissions, then rerun the same command with --resume")
+        raise CheckpointError(f"could not write {name} in {run_dir}: {cause}. Training stopped; {kept}")

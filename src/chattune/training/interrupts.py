@@ -76,48 +76,129 @@ class StepControl(TrainerCallback):
     def __init__(self, signals: StopSignals | None = None, save_minutes: float | None = None):
         self.signals = signals
         self.save_seconds = save_minutes * 60 if save_minutes else None
-        self._bad = None  # a tensor flag: checking it every micro-batch would sync the GPU each time
+        # flags kept on the device: reading one back makes the host wait for the GPU, so the first bad step is
+        # tracked there and read only when something depends on it (a log, an evaluation, a save, the end)
+        self._bad = None  # this step's micro-batches
+        self._first_bad = None  # the first step whose loss was not finite, or -1
         self._last_save = time.monotonic()
         self.nonfinite_step: int | None = None
         self.stopped_at: int | None = None
         self.stop_signal: int | None = None
+        self.reads = 0  # how many times the flag was read back (tests)
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Called by the trainer with every micro-batch's loss."""
         bad = ~torch.isfinite(loss.detach()).all()
         self._bad = bad if self._bad is None else (self._bad | bad)
 
+    def _first_nonfinite_step(self, step: int, read: bool) -> int | None:
+        """Fold this step's flag into the first bad step (on the device); read it back only if `read`."""
+        if self._bad is not None:
+            if self._first_bad is None:
+                self._first_bad = torch.full((), -1, dtype=torch.long, device=self._bad.device)
+            self._first_bad = torch.where(self._bad & (self._first_bad < 0), step, self._first_bad)
+            self._bad = None
+        if not read or self._first_bad is None:
+            return None
+        self.reads += 1
+        first = int(self._first_bad.item())
+        return first if first >= 0 else None
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_save = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        bad = bool(self._bad.item()) if self._bad is not None else False
-        self._bad = None
         signalled = self.signals is not None and self.signals.received is not None
         due = self.save_seconds is not None and time.monotonic() - self._last_save >= self.save_seconds
-        bad, signalled, due = any_rank([bad, signalled, due], args.device)
+        multi = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # the Trainer's flow callback has already set this step's log/evaluate/save/stop decisions; a signal or the
+        # timer asks for a save too: the flag is read before any of them
+        read = (multi or signalled or due or control.should_log or control.should_evaluate or control.should_save
+                or control.should_training_stop or state.global_step >= state.max_steps > 0)
+        first_bad = self._first_nonfinite_step(state.global_step, read)
+        bad, signalled, due = any_rank([first_bad is not None, signalled, due], args.device)
         if bad:
-            self.nonfinite_step = state.global_step
+            self.nonfinite_step = first_bad if first_bad is not None else state.global_step  # another rank's
             control.should_training_stop = True
             control.should_save = False
             control.should_evaluate = False
+            control.should_log = True  # the log shows the NaN
         elif signalled:
             self.stopped_at = state.global_step
             self.stop_signal = (self.signals.received if self.signals and self.signals.received
                                 else signal.SIGTERM)  # another process got it
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False  # the user asked to stop: save and go, no evaluation first
         elif due:
             control.should_save = True
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        if self.nonfinite_step is None and (control.should_save or control.should_evaluate):
+            first_bad = self._first_nonfinite_step(state.global_step, read=True)
+            if first_bad is not None:
+                self.nonfinite_step = first_bad
+                control.should_training_stop = True
         if self.nonfinite_step is not None:
             control.should_save = False  # the epoch-end save would write the broken weights
+            control.should_evaluate = False
+        if self.stopped_at is not None:
+            # the loop ends the epoch after a stop: its evaluation would delay the exit, and the step's save is done
+            control.should_evaluate = False
+            control.should_save = False
         return control
 
     def on_save(self, args, state, control, **kwargs):
         self._last_save = time.monotonic()
+
+
+class NonFiniteWeights(ChattuneError):
+    """Weights or optimizer state hold NaN or infinity: training on them would only spread it."""
+
+
+def _first_nonfinite(tensors) -> str | None:
+    for name, t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
+
+
+def weights_error(model, where: str) -> NonFiniteWeights | None:
+    """An error naming the first parameter that is NaN or infinite, or None."""
+    bad = _first_nonfinite(model.named_parameters())
+    if bad is None:
+        return None
+    return NonFiniteWeights(f"{where} the model holds NaN or infinite weights ({bad}); nothing was saved from them. "
+                            "Resume from an earlier checkpoint (--resume PATH), or start a new run with a lower --lr")
+
+
+class ResumeCheck(TrainerCallback):
+    """After a checkpoint is loaded (the Trainer loads it before on_train_begin), refuse to train on weights or
+    optimizer state that are not finite: a checkpoint broken before it was saved passes its checksums."""
+
+    def __init__(self, checkpoint: str | None):
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self.checkpoint:
+            return
+        from chattune.training.rundir import check_schedule
+
+        # a total from --epochs and the data, which run_directory could not know before the data was read
+        scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        check_schedule(self.checkpoint, state.max_steps, scheduler,
+                       f"this run's {state.max_steps} steps (from --epochs and the data)")
+        name = os.path.basename(os.path.normpath(self.checkpoint))
+        bad = _first_nonfinite(model.named_parameters()) if model is not None else None
+        what = "weights"
+        if bad is None and optimizer is not None:
+            what = "optimizer state"
+            bad = _first_nonfinite((f"{key} of parameter {i}", t) for i, s in enumerate(optimizer.state.values())
+                                   for key, t in s.items())
+        if bad is not None:
+            raise NonFiniteWeights(f"{name} holds NaN or infinite {what} ({bad}): training on it would only spread "
+                                   f"them. Resume from an earlier checkpoint with --resume PATH (or delete {name})")
 
 
 def resume_command(argv: list[str] | None = None) -> str:
@@ -143,7 +224,7 @@ def resume_command(argv: list[str] | None = None) -> str:
 
 
 def nonfinite_error(step: int, out) -> NonFiniteLoss:
-    found, _ = newest_complete(out)
+    found, _ = newest_complete(out, content=False)
     kept = (f"The last good checkpoint, {found}, is kept (--resume continues from it, with the learning-rate "
             "schedule it was saved with)" if found is not None else "No checkpoint had been saved before it")
     return NonFiniteLoss(f"the loss became NaN or infinite at step {step}; training stopped without saving that "
@@ -153,7 +234,19 @@ def nonfinite_error(step: int, out) -> NonFiniteLoss:
 
 def interrupted_error(control: StepControl, out, quiet: bool = False) -> TrainingInterrupted:
     name = signal.Signals(control.stop_signal).name
-    found, _ = newest_complete(out)
+    found, _ = newest_complete(out, content=False)
     saved = f"checkpoint saved to {found}" if found is not None else "no checkpoint could be saved"
     return TrainingInterrupted(f"interrupted by {name} at step {control.stopped_at}: {saved}; resume with: "
                                f"{resume_command()}", control.stop_signal, quiet=quiet)
+
+
+class GuardedSteps:
+    """Trainer mixin: every micro-batch loss goes to the run's StepControl, which stops the run at the step
+    whose loss is not finite (every chattune trainer: SFT, DPO)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StepControl):
+                callback.observe_loss(loss)
+        return loss

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from chattune.data.collate import PadCollator
+from chattune.data.collate import HOST_KEYS, PadCollator
 from chattune.errors import ChattuneError
 from chattune.model.loss import fast_loss_supported, full_logits_loss_sum, install_selective_head
 
@@ -41,7 +41,8 @@ def evaluate_batches(model, batches, device=None, autocast=None) -> tuple[torch.
     dev = device or next(model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=dev)
     for batch in batches:
-        batch = {k: v.to(dev) for k, v in batch.items()}
+        # (a training collator's host facts are not needed here: collate.HOST_KEYS)
+        batch = {k: v.to(dev) for k, v in batch.items() if k not in HOST_KEYS}
         if autocast is not None:
             with autocast():
                 s, n, c = batch_stats(model, batch)

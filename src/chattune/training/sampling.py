@@ -33,3 +33,15 @@ def length_grouped_sampler(args, dataset) -> GlobalLengthGroupedSampler:
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
     seed = args.data_seed if args.data_seed is not None else args.seed
     return GlobalLengthGroupedSampler(dataset[args.length_column_name], global_batch, seed)
+
+
+class LengthGroupedSampling:
+    """Trainer mixin: a data set with a `length` column is batched by length_grouped_sampler when the arguments
+    ask for group_by_length (every chattune trainer: SFT, DPO)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if (self.args.train_sampling_strategy == "group_by_length" and dataset is not None
+                and self.args.length_column_name in getattr(dataset, "column_names", [])):
+            return length_grouped_sampler(self.args, dataset)
+        return super()._get_train_sampler(train_dataset)

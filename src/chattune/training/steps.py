@@ -7,6 +7,7 @@ Each recipe in chattune.commands strings these together with its own data and tr
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 from pathlib import Path
@@ -16,11 +17,12 @@ from chattune.model import adapters
 from chattune.model.load import fit_model_to_tokenizer, load_model, pick_device, resolve_precision
 from chattune.model.speed import set_attention_dropout
 from chattune.outputs import MERGED_DIR, METRICS_FILE, RESULTS_FILE
-from chattune.training import early_stop, tracking
+from chattune.training import early_stop, rundir, tracking
 from chattune.training.checkpoints import discard_staging
-from chattune.training.distributed import process_state, quiet_unless_main
-from chattune.training.interrupts import StepControl, StopSignals, interrupted_error, nonfinite_error
-from chattune.training.rundir import attach_run_log, resolve_resume
+from chattune.training.distributed import any_rank, process_state, quiet_unless_main
+from chattune.training.final import resume_advice, save_final
+from chattune.training.interrupts import StepControl, StopSignals, interrupted_error, nonfinite_error, weights_error
+from chattune.training.lock import RunLock
 
 log = logging.getLogger("chattune")
 
@@ -41,29 +43,81 @@ def check_tracking_and_stopping(cfg) -> None:
     early_stop.check(cfg)
 
 
+# a write refused for lack of room or rights: one line naming the path, not a traceback. (`ulimit -f` gives
+# EFBIG: CPython ignores SIGXFSZ from startup, so the write fails instead of the process being killed.)
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_error(e: OSError, out: Path) -> ChattuneError:
+    what = f"cannot write {e.filename or out}: {e.strerror}"
+    if not out.is_dir():
+        return ChattuneError(what)
+    return ChattuneError(f"{what}. {resume_advice(out, 'Free disk space or fix the permissions')}")
+
+
+def _open(cfg, out: Path, stack: contextlib.ExitStack):
+    """Rank 0's share of opening the run directory: lock it, check what it holds (moving an earlier run
+    aside for --overwrite), attach the run log; the log handler."""
+    stack.enter_context(RunLock(out))
+    rundir.set_aside(out, rundir.check_output_dir(cfg))
+    handler = rundir.attach_run_log(out)
+    stack.callback(_detach, handler)
+    return handler
+
+
+def _detach(handler) -> None:
+    log.removeHandler(handler)
+    handler.close()
+
+
 @contextlib.contextmanager
 def run_directory(cfg):
-    """(process state, checkpoint to resume from or None) for the run in cfg.train.output_dir, with the
-    directory created, an unfinished checkpoint save discarded and the run log attached (rank 0)."""
+    """(process state, checkpoint to resume from or None) for the run in cfg.train.output_dir: locked for
+    this run, checked (rundir.check_output_dir), an unfinished checkpoint save discarded, metrics.jsonl
+    cut back to the checkpoint's step and the run log attached (rank 0). A failure ends train.log."""
     out = Path(cfg.train.output_dir)
     state = process_state(pick_device())
-    with quiet_unless_main(state):
-        resume = resolve_resume(cfg.train.resume, out)
-        state.wait_for_everyone()  # every process has chosen the checkpoint before rank 0 tidies up
-        handler = None
+    with quiet_unless_main(state), contextlib.ExitStack() as stack:
+        handler, error = None, None
         if state.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            discard_staging(out)
-            handler = attach_run_log(out)
-            if resume is None and (out / METRICS_FILE).exists():
-                (out / METRICS_FILE).unlink()  # a fresh run starts a fresh log; a resumed one appends
-        state.wait_for_everyone()
+            try:
+                handler = _open(cfg, out, stack)
+            except ChattuneError as e:
+                error = e
+            except OSError as e:
+                error = write_error(e, out) if e.errno in WRITE_ERRORS else e
+        if any_rank([error is not None], state.device)[0]:  # every process stops, not only rank 0
+            if error is None:
+                error = ChattuneError("rank 0 could not open the output directory")
+                error.quiet = True  # rank 0 prints why
+            raise error
         try:
+            resume = _prepare(cfg, out, state)
             yield state, resume
-        finally:
-            if handler is not None:
-                log.removeHandler(handler)
-                handler.close()
+        except BaseException as e:
+            translated = write_error(e, out) if isinstance(e, OSError) and e.errno in WRITE_ERRORS else None
+            if handler is not None and isinstance(e, (Exception, KeyboardInterrupt)):
+                rundir.log_error_to(handler, translated or e)
+            if translated is not None:
+                raise translated from e
+            raise
+
+
+def _prepare(cfg, out: Path, state):
+    resume = rundir.resolve_resume(cfg.train.resume, out)
+    if resume is not None:
+        rundir.check_schedule(resume, cfg.train.max_steps, cfg.train.lr_scheduler)
+    state.wait_for_everyone()  # every process has chosen the checkpoint before rank 0 tidies up
+    if state.is_main_process:
+        discard_staging(out)
+        if resume is None and (out / METRICS_FILE).exists():
+            (out / METRICS_FILE).unlink()  # a fresh run starts a fresh log
+        elif resume is not None:
+            step = rundir.saved_state(resume).get("global_step", 0)
+            if rundir.truncate_metrics(out, step):
+                log.info(f"metrics.jsonl: removed the records after step {step}, which this run repeats")
+    state.wait_for_everyone()
+    return resume
 
 
 def device_and_precision(cfg) -> tuple[str, str]:
@@ -113,34 +167,57 @@ def train(trainer, signals: StopSignals, control: StepControl, resume, out: Path
         raise nonfinite_error(control.nonfinite_step, out)
     if control.stopped_at is not None:
         raise interrupted_error(control, out, quiet=not state.is_main_process)
+    problem = weights_error(trainer.model, f"after step {trainer.state.global_step}")
+    if problem is not None:  # a NaN from the last optimizer step has no later loss to show it
+        raise problem
     return result
 
 
 def final_evaluation(cfg, trainer, has_eval: bool) -> tuple[dict, dict | None]:
     """(the final model's evaluation, the stopping facts for results.json). The stopping facts are taken first
-    (early stopping sees this evaluation too) and logged; the evaluation is not resent to the trackers."""
+    (early stopping sees this evaluation too) and logged; the evaluation is not resent to the trackers.
+
+    The Trainer has usually evaluated the final weights already (at its last step, or at the best checkpoint's
+    step that --load-best loaded): that record is reused, since evaluating again would double the end of the
+    run and repeat its metrics rows."""
     stopping = early_stop.summary(cfg, trainer)
     if stopping and trainer.is_world_process_zero():
         log.info(early_stop.describe(stopping))
+    if not has_eval:
+        return {}, stopping
+    state = trainer.state
+    step = state.global_step
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        step = state.best_global_step  # the weights now loaded were evaluated there
+    for record in reversed(state.log_history):
+        if "eval_loss" in record and record.get("step") == step:
+            return {k: v for k, v in record.items() if k.startswith("eval_")}, stopping
     with tracking.trackers_paused(trainer):
-        final = trainer.evaluate() if has_eval else {}
-    return final, stopping
+        return trainer.evaluate(), stopping
 
 
 def save(cfg, trainer, tokenizer, out: Path, results: dict) -> None:
-    """The final model directory: weights (every process: FSDP and ZeRO-3 gather them for rank 0), tokenizer
-    with its chat template, adapter extras, results.json, and the merged model when asked."""
-    trainer.save_model(str(out))
+    """The final model directory, written atomically (final.py): weights (every process: FSDP and ZeRO-3
+    gather them for rank 0), tokenizer with its chat template, adapter extras; then results.json, and the
+    merged model when asked."""
+    lora = cfg.lora.enabled or cfg.lora.qlora
+
+    def extras(directory: Path) -> None:
+        tokenizer.save_pretrained(str(directory))
+        if lora:
+            adapters.save_extras(trainer.model, directory)
+
+    save_final(trainer, out, extras)
     if not trainer.is_world_process_zero():
         return
-    tokenizer.save_pretrained(str(out))
-    lora = cfg.lora.enabled or cfg.lora.qlora
-    if lora:
-        adapters.save_extras(trainer.model, out)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
+    try:
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
+    except OSError as e:
+        raise ChattuneError(f"the model is saved in {out}, but {out / RESULTS_FILE} could not be written: "
+                            f"{e.strerror}") from e
     final = results.get("eval") or {}
-    log.info(f"model saved to {out}" + (f"; eval loss {final['eval_loss']:.4f}, perplexity "
-                                         f"{final['eval_perplexity']:.2f}" if "eval_loss" in final else ""))
+    log.info(f"model saved to {out}" + (f"; eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "")
+             + (f", perplexity {final['eval_perplexity']:.2f}" if "eval_perplexity" in final else ""))
     if lora and cfg.lora.merge:
         merged = adapters.merge_adapter(out, out / MERGED_DIR, overwrite=True,
                                         trust_remote_code=cfg.model.trust_remote_code)

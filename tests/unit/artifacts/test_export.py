@@ -96,7 +96,9 @@ def test_tokens_types_and_merges_are_the_tokenizers(trained, written):
     assert tokens == tok.convert_ids_to_tokens(list(range(len(tok))))
     special = {tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
     assert {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == special
-    assert all(t == gguf.TokenType.NORMAL for i, t in enumerate(types) if i not in special)
+    calls = {tok.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>")}  # added, not special
+    assert {i for i, t in enumerate(types) if t == gguf.TokenType.USER_DEFINED} == calls
+    assert all(t == gguf.TokenType.NORMAL for i, t in enumerate(types) if i not in special | calls)
     spec = json.loads(tok.backend_tokenizer.to_str())
     assert field(r, "tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m
                                                  for m in spec["model"]["merges"]]
@@ -139,6 +141,30 @@ def test_neutralised_template_renders_the_same_text(trained):
                 tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
     assert gguf_vocab.gguf_chat_template({"default": "{{ x }}", "tool_use": "y"}) == "{{ x }}"
     assert gguf_vocab.gguf_chat_template(None) is None
+
+
+def test_a_tool_models_gguf_keeps_its_tool_template_and_call_tags(tool_trained_dir, tmp_path):
+    """The GGUF of a model trained on tool data carries the template's tool layout: llama-cpp-python's renderer
+    (the export extra; it gives jinja transformers' tojson) renders definitions, calls and results from the file as
+    transformers does, and the call tags are user-defined tokens (llama.cpp matches them whole and prints them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chattune.demo.tools import ADD_TOOL
+
+    llama_format = pytest.importorskip("llama_cpp.llama_chat_format")
+    model, tok = AutoModelForCausalLM.from_pretrained(tool_trained_dir), AutoTokenizer.from_pretrained(tool_trained_dir)
+    r = gguf.GGUFReader(write_gguf(model.eval(), tok, tmp_path / "tools.gguf", dtype="f32"))
+    tokens, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
+    assert [types[tokens.index(t)] for t in ("<tool_call>", "</tool_call>")] == [gguf.TokenType.USER_DEFINED] * 2
+    conv = [{"role": "user", "content": "What is 12 + 34?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 12, "b": 34}}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": '{"result": 46}'}]
+    fmt = llama_format.Jinja2ChatFormatter(field(r, "tokenizer.chat_template"), eos_token="<|im_end|>",
+                                           bos_token="<|endoftext|>")
+    prompt = fmt(messages=conv, tools=[ADD_TOOL]).prompt
+    assert prompt == tok.apply_chat_template(conv, tools=[ADD_TOOL], tokenize=False, add_generation_prompt=True)
+    assert '<tools>\n{"type": "function", "function": {"name": "add"' in prompt and "<tool_response>" in prompt
 
 
 def test_pretokenizer_mapping(trained):

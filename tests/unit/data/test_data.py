@@ -64,10 +64,16 @@ def test_invalid_conversations_are_explained(messages, reason):
 
 
 def test_valid_conversation_with_system_and_tool_turns():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
     assert check_messages([
         {"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-        {"role": "assistant", "content": "{\"name\": \"f\"}"}, {"role": "tool", "content": "{}"},
+        {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "{}",
+                                                                      "tool_call_id": "c1"},
         {"role": "assistant", "content": "done"}]) is None
+    # a result with no call before it is refused: the model would learn from a turn nobody asked for
+    assert "follows no assistant tool call" in check_messages([
+        {"role": "user", "content": "u"}, {"role": "assistant", "content": "{\"name\": \"f\"}"},
+        {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "done"}])
 
 
 def test_invalid_rows_stop_with_row_numbers_or_are_skipped(tmp_path):

@@ -12,10 +12,12 @@ from datasets import Dataset
 
 from chattune.config import Config, validate
 from chattune.data import load_conversations
+from chattune.data.loading import canonical_features
 from chattune.data.mixture import load_training_data
 from chattune.data.prepared import prepare_training_data
 from chattune.data.template import prepare_tokenizer
 from chattune.data.tokenize import prepare_split
+from chattune.data.tools import to_arrow
 from chattune.errors import ChattuneError, ConfigError
 
 from conftest import SHARED_DATA
@@ -131,22 +133,11 @@ def test_real_alpaca_and_sharegpt_files_with_tool_turns():
     assert alpaca.dataset[i]["messages"][-2]["content"] == raw[i]["instruction"] + "\n" + raw[i]["input"]
     glaive = load_conversations(str(SHARED_DATA / "glaive_toolcall_en_demo.json"), "train")
     assert glaive.format == "sharegpt" and len(glaive.dataset) == 300
-    assert "tools" in glaive.info["ignored_columns"]  # named in the log, not silently dropped
+    assert "tools" not in glaive.info.get("ignored_columns", [])  # its tool definitions are kept
     roles = [[m["role"] for m in conv] for conv in glaive.dataset["messages"]]
     first_tool = next(r for r in roles if "tool" in r)
     i = first_tool.index("tool")
     assert first_tool[i - 1] == "assistant" and first_tool[i + 1] == "assistant"  # call, result, answer
-
-
-def test_tool_turns_are_trained_on_as_calls_and_shown_as_results(tiny_tokenizer):
-    conv = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "{\"name\": \"f\"}"},
-            {"role": "tool", "content": "the sky is blue"}, {"role": "assistant", "content": "be kind"}]
-    prepare_tokenizer(tiny_tokenizer)
-    rows, _ = prepare_split(Dataset.from_dict({"messages": [conv]}), tiny_tokenizer, None)
-    ids, labels = rows["input_ids"][0], rows["labels"][0]
-    trained = tiny_tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])
-    assert trained == "{\"name\": \"f\"}<|im_end|>be kind<|im_end|>"
-    assert "<|im_start|>tool\nthe sky is blue<|im_end|>" in tiny_tokenizer.decode(ids)
 
 
 @pytest.mark.parametrize("template,what", [
@@ -159,11 +150,15 @@ def test_tool_turns_are_trained_on_as_calls_and_shown_as_results(tiny_tokenizer)
 def test_model_template_that_cannot_express_tool_turns_is_refused(tiny_tokenizer, template, what):
     tiny_tokenizer.chat_template = template
     prepare_tokenizer(tiny_tokenizer)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}
     convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "call"},
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
               {"role": "tool", "content": "42"}, {"role": "assistant", "content": "done"}]]
+    pairs = [to_arrow(c, None) for c in convs]
+    data = Dataset.from_dict({"messages": [m for m, _ in pairs], "tools": [None, None]},
+                             features=canonical_features("messages", tools=True))
     with pytest.raises(ChattuneError, match=what) as err:
-        prepare_split(Dataset.from_dict({"messages": convs}), tiny_tokenizer, None)
+        prepare_split(data, tiny_tokenizer, None)
     assert "'tool' turns such as conversation 1, message 2" in str(err.value)
 
 

@@ -13,31 +13,55 @@ from transformers import PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from chattune.config import Config, validate
+from chattune.data.loading import canonical_features
 from chattune.data.prepared import cache_root, prepare_training_data
 from chattune.data.template import chattune_template, prepare_tokenizer, render_chatml, render_chatml_columns
 from chattune.data.tokenize import Encoder, prefix_safe, prepare_split
+from chattune.data.tools import to_arrow
+from chattune.data.validate import check_messages
 from chattune.outputs import IGNORE_INDEX
 
 WORDS = ["hi", "there", "the", "sky", "is", "blue", "12", "+", "34", "=", "46.", "you", "are", "kind", "what", "up",
          "  ", "\n", "\n\n", "\t", "héllo", "日本語", "{{ x }}", "{% if %}", "<|im_end", "'s", "don't", "!!", " "]
 
 
-def random_conversations(n: int, seed: int = 0, max_words: int = 60) -> list[list[dict]]:
+def random_conversations(n: int, seed: int = 0, max_words: int = 60, tools: bool = False):
+    """Random conversations; with tools, (conversations, each one's tools) where about half declare tools and
+    assistant turns call them (with or without text before the calls, one or two calls, results after)."""
     rng = random.Random(seed)
 
     def text():
         n = rng.randint(1, max_words)
         return "".join(rng.choice(WORDS) + rng.choice([" ", " ", "", "  ", "\n"]) for _ in range(n))
 
-    convs = []
+    def call():
+        args = {rng.choice(WORDS): rng.choice([text(), rng.randint(-5, 99), [text()], {"k": text()}])
+                for _ in range(rng.randint(0, 3))}
+        return {"id": f"c{rng.randint(0, 999)}", "type": "function", "function": {"name": rng.choice(WORDS),
+                                                                                  "arguments": args}}
+
+    convs, all_tools = [], []
     for _ in range(n):
         conv = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
         for _ in range(rng.randint(1, 3)):
-            conv += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
-            if rng.random() < 0.2:
-                conv += [{"role": "tool", "content": text()}, {"role": "assistant", "content": text()}]
+            conv.append({"role": "user", "content": text()})
+            if tools and rng.random() < 0.5:
+                calls = [call() for _ in range(rng.randint(1, 2))]
+                conv.append({"role": "assistant", "content": rng.choice(["", text()]), "tool_calls": calls})
+                conv += [{"role": "tool", "content": text(), "tool_call_id": c["id"]} for c in calls]
+            conv.append({"role": "assistant", "content": text()})
         convs.append(conv)
-    return convs
+        all_tools.append([{"type": "function", "function": {"name": rng.choice(WORDS), "description": text(),
+                                                            "parameters": {"type": "object"}}}]
+                         if rng.random() < 0.5 else None)
+    return (convs, all_tools) if tools else convs
+
+
+def tool_dataset(convs, tools) -> Dataset:
+    """Conversations with tools stored as the loaders store them (the wide canonical schema)."""
+    pairs = [to_arrow(c, t) for c, t in zip(convs, tools)]
+    return Dataset.from_dict({"messages": [m for m, _ in pairs], "tools": [t for _, t in pairs]},
+                             features=canonical_features("messages", tools=True))
 
 
 def byte_level_tokenizer(texts, normalizer=None, pre=None) -> PreTrainedTokenizerFast:
@@ -51,8 +75,9 @@ def byte_level_tokenizer(texts, normalizer=None, pre=None) -> PreTrainedTokenize
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-def reference(tokenizer, conv, max_length):
-    enc = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+def reference(tokenizer, conv, max_length, tools=None):
+    enc = tokenizer.apply_chat_template(conv, tools=tools, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
     ids, mask = enc["input_ids"], enc["assistant_masks"]
     if max_length:
         ids, mask = ids[:max_length], mask[:max_length]
@@ -67,16 +92,35 @@ def test_python_chatml_renderer_equals_the_jinja_template():
     assert texts == ref_texts and spans == [list(s) for s in ref_spans]
 
 
-def test_budgeted_rendering_is_an_exact_prefix_ending_at_a_cut_point():
-    convs = random_conversations(100, seed=7) + [[{"role": "user", "content": "hi"},
-                                                  {"role": "assistant", "content": "the sky is blue"}]]
-    full, full_spans = render_chatml(convs)
+def test_python_chatml_renderer_equals_the_jinja_template_with_tools():
+    convs, tools = random_conversations(200, seed=11, tools=True)
+    texts, spans = render_chatml(convs, tools)
+    for conv, t, text, span in zip(convs, tools, texts, spans):
+        ref_text, ref_span = render_jinja_template(conversations=[conv], tools=t, chat_template=chattune_template(),
+                                                   return_assistant_tokens_mask=True)
+        assert text == ref_text[0] and span == [tuple(x) for x in ref_span[0]]
+    for prompt in (True, False):  # the generation prompt after tool results opens the assistant's turn
+        conv = convs[next(i for i, c in enumerate(convs) if any(m["role"] == "tool" for m in c))]
+        last_tool = max(i for i, m in enumerate(conv) if m["role"] == "tool")
+        rendered = render_jinja_template(conversations=[conv[:last_tool + 1]], chat_template=chattune_template(),
+                                         add_generation_prompt=prompt)[0][0]
+        assert rendered.endswith("</tool_response><|im_end|>\n" + ("<|im_start|>assistant\n" if prompt else ""))
+
+
+@pytest.mark.parametrize("with_tools", [False, True])
+def test_budgeted_rendering_is_an_exact_prefix_ending_at_a_cut_point(with_tools):
+    convs, tools = random_conversations(100, seed=7, tools=True) if with_tools else \
+        (random_conversations(100, seed=7), None)
+    convs = convs + [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the sky is blue"}]]
+    tools = tools + [None] if tools else None
+    full, full_spans = render_chatml(convs, tools)
     roles = [m["role"] for c in convs for m in c]
     contents = [m["content"] for c in convs for m in c]
+    calls = [m.get("tool_calls") for c in convs for m in c] if with_tools else None
     bounds = [0]
     for c in convs:
         bounds.append(bounds[-1] + len(c))
-    texts, spans, partial = render_chatml_columns(roles, contents, bounds, budget=150)
+    texts, spans, partial = render_chatml_columns(roles, contents, bounds, 150, calls, tools)
     assert any(partial) and not all(partial)
     for text, whole, s, ws, cut in zip(texts, full, spans, full_spans, partial):
         assert whole.startswith(text) and (cut or text == whole)
@@ -109,6 +153,16 @@ def test_rows_equal_transformers_assistant_mask_truncated(tiny_tokenizer, which,
     assert stats.dropped_no_loss == len(expected) - len(kept)
     full = [len(tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in convs]
     assert stats.truncated == sum(max_length is not None and n > max_length for n in full)
+
+
+@pytest.mark.parametrize("max_length", [None, 60])
+def test_tool_rows_equal_transformers_assistant_mask(tiny_tokenizer, max_length):
+    convs, tools = random_conversations(40, seed=12, tools=True)
+    prepare_tokenizer(tiny_tokenizer)
+    rows, _ = prepare_split(tool_dataset(convs, tools), tiny_tokenizer, max_length, batch_size=16, num_proc=None)
+    expected = [reference(tiny_tokenizer, c, max_length, t) for c, t in zip(convs, tools)]
+    kept = [e for e in expected if any(lab != IGNORE_INDEX for lab in e[1])]
+    assert list(zip(rows["input_ids"], rows["labels"])) == [tuple(e) for e in kept]
 
 
 def test_short_prefixes_continue_where_they_stopped(tiny_tokenizer):
@@ -171,9 +225,10 @@ def test_second_run_reads_the_cache_and_changes_invalidate_it(tmp_path, model_di
     assert second.train_rows["input_ids"] == first.train_rows["input_ids"]
     assert second.train_rows["labels"] == first.train_rows["labels"]
     assert vars(second.train_stats) == vars(first.train_stats)
-    assert len((out / "rejected.jsonl").read_text().splitlines()) == 1  # restored from the cache entry
+    invalid = sum(check_messages(r["messages"]) is not None for r in rows)  # the empty row, and any blank text
+    assert len((out / "rejected.jsonl").read_text().splitlines()) == invalid >= 1  # restored from the cache entry
     assert second.train_split.dataset[0]["messages"] == rows[0]["messages"]  # a preview for the run report
-    assert not prepare_training_data(cfg, tiny_tokenizer, 32, out).from_cache  # another max length
+    assert not prepare_training_data(cfg, tiny_tokenizer, 100, out).from_cache  # another max length
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))  # the data changed
     third = prepare_training_data(cfg, tiny_tokenizer, 64, out)
     assert not third.from_cache and third.train_stats.rows_in == first.train_stats.rows_in - 1

@@ -77,3 +77,14 @@ def test_bad_rows_are_named_by_line(trained_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_output_equal_to_input_is_refused_before_anything_is_written(trained_dir, tmp_path, capsys):
+    prompts = _write(tmp_path / "prompts.jsonl", ROWS[:1])
+    before = prompts.read_text()
+    same = tmp_path / "." / "sub" / ".." / "prompts.jsonl"  # another spelling of the same path
+    (tmp_path / "sub").mkdir()
+    assert main(["generate", str(trained_dir), "--input", str(prompts), "--output", str(same)]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "--input" in err and len(err.strip().splitlines()) == 1
+    assert prompts.read_text() == before

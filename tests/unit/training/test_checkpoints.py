@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import TrainerControl, TrainerState
 
 from chattune.commands.train import run_train
@@ -24,11 +24,12 @@ from chattune.training.interrupts import NonFiniteLoss, StepControl, StopSignals
 from chattune.training.rundir import resolve_resume
 
 
-def fake_checkpoint(root, step, files=None):
+def fake_checkpoint(root, step):
+    """A checkpoint with small files that load (resume checks that they do)."""
     d = root / f"checkpoint-{step}"
     d.mkdir(parents=True)
-    for name, data in (files or {"model.safetensors": b"w" * 100, "optimizer.pt": b"o" * 50}).items():
-        (d / name).write_bytes(data)
+    save_file({"w": torch.zeros(25)}, d / "model.safetensors")
+    torch.save({"state": {}, "param_groups": []}, d / "optimizer.pt")
     write_manifest(d, step)
     return d
 
@@ -36,12 +37,14 @@ def fake_checkpoint(root, step, files=None):
 def test_manifest_detects_missing_truncated_and_unfinished(tmp_path):
     d = fake_checkpoint(tmp_path, 3)
     assert problem(d) is None
-    assert json.loads((d / CHECKPOINT_MANIFEST).read_text())["files"] == {"model.safetensors": 100, "optimizer.pt": 50}
+    files = json.loads((d / CHECKPOINT_MANIFEST).read_text())["files"]
+    sizes = {name: (d / name).stat().st_size for name in ("model.safetensors", "optimizer.pt")}
+    assert {name: f["size"] for name, f in files.items()} == sizes
     (d / "optimizer.pt").unlink()
     assert problem(d) == "optimizer.pt is missing"
     d2 = fake_checkpoint(tmp_path, 4)
     (d2 / "model.safetensors").write_bytes(b"w" * 40)
-    assert "model.safetensors has 40 bytes where 100 were written" in problem(d2)
+    assert f"model.safetensors has 40 bytes where {sizes['model.safetensors']} were written" in problem(d2)
     d3 = tmp_path / "checkpoint-5"
     d3.mkdir()
     (d3 / "model.safetensors").write_bytes(b"w")
