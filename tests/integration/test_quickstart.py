@@ -36,11 +36,12 @@ def independent_exact_match(out) -> float:
 
 def test_quickstart_builds_trains_and_scores(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--output-dir", str(out), "--max-steps", "40"]) == 0
+    assert main(["quickstart", "--output-dir", str(out), "--max-steps", "80", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "eval.json").read_text())
     assert report["metric"] == METRIC
     assert report["n"] == 200 and report["sample"]["question"] and "reply" in report["sample"]
+    assert report["steps"] == 80 and report["seed"] == 3
     # the "after" score, recomputed independently: transformers' own greedy generate on each held-out question,
     # one at a time (chattune batches them with left padding; float rounding may flip a near-tie: 2 of 200 allowed)
     assert report["after"] == pytest.approx(independent_exact_match(out), abs=0.01)

@@ -24,9 +24,14 @@ from chattune.verbosity import quiet
 
 log = logging.getLogger("chattune")
 METRIC = "addition_exact_match"
-# fits the 5-minute bound on 2 cores with room for a slower host; the score still climbs after it
-DEFAULT_STEPS = 900
-
+# the recipe (issue 16 item 4; bench/results/quickstart.json, docs/performance.md#the-quickstart)
+DEFAULT_STEPS = 1200
+BATCH_SIZE, LR, WARMUP = 64, 4e-3, 0.05
+# enough conversations that a run sees most only once: with 4,000 the model memorised the pairs it saw
+# before it learned to add, and held-out sums lagged
+N_TRAIN = 40_000
+CONVERSATIONS = {"multi_turn": 0.25, "system": 0.2}
+MODEL = {"n_layer": 2, "n_embd": 128, "n_head": 4}
 
 
 def add_arguments(p) -> None:
@@ -42,6 +47,8 @@ def add_arguments(p) -> None:
                         "model to decline some sums, then `chattune dpo` on preference pairs that prefer the answer "
                         "(--max-steps: the first stage)")
     p.add_argument("--dpo-steps", type=int, default=None, help="--task dpo: DPO optimizer steps (default: 60)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the data, the model's initial weights and the training order (default: %(default)s)")
 
 
 def run(args) -> int:
@@ -57,9 +64,9 @@ def run(args) -> int:
 
         check_max_steps(args.dpo_steps)
         print_summary(run_dpo_quickstart(args.output_dir, max_steps=args.max_steps, dpo_steps=args.dpo_steps,
-                                         overwrite=args.overwrite), args.output_dir)
+                                         seed=args.seed, overwrite=args.overwrite), args.output_dir)
         return 0
-    r = run_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite)
+    r = run_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite, seed=args.seed)
     s = r["sample"]
     print(f"\n{r['metric']} on {r['n']} held-out sums: before {r['before']:.1%} -> after {r['after']:.1%} "
           f"({r['seconds']:.0f} s)")
@@ -69,18 +76,21 @@ def run(args) -> int:
     return 0
 
 
-def quickstart_config(out: Path, max_steps: int | None = None) -> Config:
+def quickstart_config(out: Path, max_steps: int | None = None, seed: int = 0) -> Config:
     cfg = Config()
     cfg.model.name = str(out / "base-model")
     d = cfg.data
     d.dataset, d.train_split, d.eval_split, d.max_length = str(out / "data"), "train_gen", "test_gen", 96
     t = cfg.train
     t.output_dir = str(out)
-    t.batch_size, t.grad_accum, t.lr, t.warmup, t.weight_decay = 32, 1, 3e-3, 0.05, 0.01
-    t.max_steps = DEFAULT_STEPS if max_steps is None else max_steps
+    t.batch_size, t.grad_accum, t.lr, t.warmup, t.weight_decay = BATCH_SIZE, 1, LR, WARMUP, 0.01
+    t.max_steps, t.seed = DEFAULT_STEPS if max_steps is None else max_steps, seed
     # answers' lengths follow the sums, so length-grouped batches would be biased: sample at random
     t.group_by_length = False
-    t.lr_scheduler, t.logging_steps, t.eval_steps, t.save_steps, t.save_total_limit = "cosine", 50, 250, 500, 1
+    # three evaluations for the report's loss curve; one checkpoint, at the end (a 5-minute run needs no resume point)
+    t.lr_scheduler, t.logging_steps, t.save_total_limit = "cosine", 50, 1
+    t.eval_steps = max(1, -(-t.max_steps // 3))
+    t.save_steps = t.max_steps
     return validate(cfg)
 
 
@@ -122,20 +132,45 @@ def prepare_output_dir(out: Path, overwrite: bool = False) -> None:
     set_aside(out, entries)
 
 
+def compute_threads(default: int) -> int:
+    """No more torch threads than idle cores: on a busy machine an OpenMP thread waits, spinning, for a sibling
+    that is not running (with 2 threads on 2 cores at load 4, a step took 0.53 s and twice the CPU time of
+    one thread's 0.3 s; docs/performance.md#the-quickstart)."""
+    try:
+        idle = (os.cpu_count() or 1) - os.getloadavg()[0] + 1  # this process counts in the load
+    except OSError:  # no load average on this platform
+        return default
+    return max(1, min(default, round(idle)))
+
+
+def recipe_splits(n_eval: int = 200, seed: int = 0) -> dict[str, list[dict]]:
+    return addition.addition_splits(n_train=N_TRAIN, n_test=n_eval, seed=seed, **CONVERSATIONS)
+
+
+def build_assets(out: Path, n_eval: int = 200, seed: int = 0, splits: dict | None = None) -> dict[str, list[dict]]:
+    """The task's data set (OUT/data) and the base model with its tokenizer (OUT/base-model); returns the splits
+    (`splits` replaces the recipe's conversations)."""
+    splits = splits or recipe_splits(n_eval, seed)
+    assets.write_hub_layout(splits, out / "data")
+    tok = assets.train_tokenizer(list(assets.texts_of(splits, role_names_per_row=True)), out / "base-model")
+    assets.tiny_gpt2(len(tok), out / "base-model", seed=seed, **MODEL)
+    return splits
+
+
 @quiet
 def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200,
-                   overwrite: bool = False, splits: dict[str, list[dict]] | None = None) -> dict:
-    """Build, train and score; `splits` (train_gen/test_gen conversations) replaces the addition data."""
+                   overwrite: bool = False, seed: int = 0, splits: dict[str, list[dict]] | None = None) -> dict:
     check_max_steps(max_steps)  # before anything is built or moved
     from chattune.training.lock import RunLock
 
     out = Path(output_dir)
     with RunLock(out):  # held while the folder is prepared; run_train takes it again inside
         prepare_output_dir(out, overwrite)
-        return _build_train_score(out, max_steps, n_eval, splits)
+        return _build_train_score(out, max_steps, n_eval, seed, splits)
 
 
-def _build_train_score(out: Path, max_steps: int | None, n_eval: int, splits: dict | None = None) -> dict:
+def _build_train_score(out: Path, max_steps: int | None, n_eval: int, seed: int = 0, splits: dict | None = None
+                       ) -> dict:
     import torch
 
     from chattune.commands.train import run_train
@@ -144,15 +179,13 @@ def _build_train_score(out: Path, max_steps: int | None, n_eval: int, splits: di
 
     started = time.perf_counter()
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart"}))
-    splits = splits or addition.addition_splits(n_test=n_eval)
-    assets.write_hub_layout(splits, out / "data")
-    assets.build_base_model(out / "base-model", splits)
+    splits = build_assets(out, n_eval, seed, splits)
     log.info(f"built {out / 'base-model'} (2-layer GPT-2, random init) and {out / 'data'} "
              f"({len(splits['train_gen'])} train / {len(splits['test_gen'])} held-out conversations)")
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(compute_threads(torch.get_num_threads()))
     held_out = splits["test_gen"]
-    cfg = quickstart_config(out, max_steps)
+    cfg = quickstart_config(out, max_steps, seed)
     # set up as training sets up its base: the added tokens' rows start as the trained model's did
     base, base_tok, _ = load_prepared_base(str(out / "base-model"), cfg.train.seed)
     before, _ = score(base.eval(), base_tok, held_out)
@@ -167,7 +200,7 @@ def _build_train_score(out: Path, max_steps: int | None, n_eval: int, splits: di
         "metric": METRIC, "before": before, "after": after, "n": len(held_out),
         "eval_loss_after": result["eval"].get("eval_loss"),
         "eval_perplexity_after": result["eval"].get("eval_perplexity"),
-        "steps": cfg.train.max_steps, "seconds": round(time.perf_counter() - started, 1),
+        "steps": cfg.train.max_steps, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
         "sample": samples[0], "description": "share of held-out two-digit sums (operand pairs never seen in "
                                              "training) answered exactly, greedy decoding",
     }
@@ -237,9 +270,9 @@ def _sft_then_dpo(out: Path, max_steps: int | None, dpo_steps: int | None, seed:
 
     started, cpu_started = time.perf_counter(), time.process_time()
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart --task dpo"}))
-    splits = preferences.hedged_splits(seed=seed)
+    splits = preferences.hedge_splits(recipe_splits(seed=seed), seed=seed)
     log.info("stage 1: supervised fine-tuning on chat data whose assistant declines sums asked as commands")
-    sft = run_quickstart(str(out / task.SFT_DIR), max_steps=max_steps, splits=splits)
+    sft = run_quickstart(str(out / task.SFT_DIR), max_steps=max_steps, seed=seed, splits=splits)
     preferences.write_preference_data(out / task.PREFS_DIR, n_train=task.N_TRAIN_PAIRS, seed=seed)
 
     def scores(model_dir):

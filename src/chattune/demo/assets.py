@@ -70,10 +70,12 @@ def tiny_gpt2(vocab_size: int, directory: str | Path | None = None, n_layer: int
     return model
 
 
-def texts_of(splits: dict[str, list[dict]]):
+def texts_of(splits: dict[str, list[dict]], role_names_per_row: bool = False):
     yield "system user assistant tool"  # role names, so a chat template's headers are single tokens
     for rows in splits.values():
         for row in rows:
+            if role_names_per_row:  # as often as the template writes them, so BPE surely merges each into one token
+                yield "\n".join(m["role"] for m in row["messages"])
             for m in row["messages"]:
                 yield m["content"]
 

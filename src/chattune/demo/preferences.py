@@ -81,10 +81,13 @@ def hedged_splits(n_train: int = 4000, n_test: int = 200, seed: int = 0, hedge_s
                   ) -> dict[str, list[dict]]:
     """The quickstart's addition conversations (ultrachat schema, train_gen/test_gen) with hedged replies to
     commands in train_gen; test_gen keeps the right answers (the quickstart's held-out sums)."""
-    splits = addition.addition_splits(n_train=n_train, n_test=n_test, seed=seed)
+    return hedge_splits(addition.addition_splits(n_train=n_train, n_test=n_test, seed=seed), seed, hedge_share)
+
+
+def hedge_splits(splits: dict[str, list[dict]], seed: int = 0, hedge_share: float = 0.8) -> dict[str, list[dict]]:
+    """`splits` (train_gen/test_gen, e.g. the quickstart recipe's) with hedged replies to commands in train_gen."""
     rng = random.Random(seed + 1)
-    splits["train_gen"] = [_row(hedge_replies(rng, r["messages"], hedge_share)) for r in splits["train_gen"]]
-    return splits
+    return {**splits, "train_gen": [_row(hedge_replies(rng, r["messages"], hedge_share)) for r in splits["train_gen"]]}
 
 
 def wrong_sum(rng: random.Random, a: int, b: int) -> int:
