@@ -4,6 +4,8 @@ It builds a small GPT-2 and a chat data set that teaches two-digit addition (lai
 ultrachat_200k on the hub), fine-tunes with the same `train` code path as any run, and scores the
 exact-match rate of answers to held-out sums before and after training. `--task tools` does the same for
 tool calling (quickstart_tools.py): the model learns to call a calculator tool with the right arguments.
+`--task dpo` runs the two-stage recipe, SFT then `chattune dpo` (quickstart_dpo.py): DPO removes a behaviour
+the SFT data taught, declining sums asked as commands.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier quickstart in --output-dir: it is moved (never deleted) to a new sibling "
                         "OUTPUT.replaced-DATE-TIME")
-    p.add_argument("--task", choices=("addition", "tools"), default="addition",
+    p.add_argument("--task", choices=("addition", "tools", "dpo"), default="addition",
                    help="addition: answer sums (default); tools: call an add(a, b) tool with the right arguments and "
-                        "answer with its result")
+                        "answer with its result; dpo: the two-stage recipe, fine-tuning on chat data that teaches the "
+                        "model to decline some sums, then `chattune dpo` on preference pairs that prefer the answer "
+                        "(--max-steps: the first stage)")
+    p.add_argument("--dpo-steps", type=int, default=None, help="--task dpo: DPO optimizer steps (default: 60)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the data, the model's initial weights and the training order (default: %(default)s)")
 
@@ -53,6 +58,13 @@ def run(args) -> int:
 
         print_result(run_tool_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite),
                      args.output_dir)
+        return 0
+    if getattr(args, "task", "addition") == "dpo":
+        from chattune.commands.quickstart_dpo import print_summary
+
+        check_max_steps(args.dpo_steps)
+        print_summary(run_dpo_quickstart(args.output_dir, max_steps=args.max_steps, dpo_steps=args.dpo_steps,
+                                         seed=args.seed, overwrite=args.overwrite), args.output_dir)
         return 0
     r = run_quickstart(args.output_dir, max_steps=args.max_steps, overwrite=args.overwrite, seed=args.seed)
     s = r["sample"]
@@ -131,9 +143,14 @@ def compute_threads(default: int) -> int:
     return max(1, min(default, round(idle)))
 
 
-def build_assets(out: Path, n_eval: int = 200, seed: int = 0) -> dict[str, list[dict]]:
-    """The task's data set (OUT/data) and the base model with its tokenizer (OUT/base-model); returns the splits."""
-    splits = addition.addition_splits(n_train=N_TRAIN, n_test=n_eval, seed=seed, **CONVERSATIONS)
+def recipe_splits(n_eval: int = 200, seed: int = 0) -> dict[str, list[dict]]:
+    return addition.addition_splits(n_train=N_TRAIN, n_test=n_eval, seed=seed, **CONVERSATIONS)
+
+
+def build_assets(out: Path, n_eval: int = 200, seed: int = 0, splits: dict | None = None) -> dict[str, list[dict]]:
+    """The task's data set (OUT/data) and the base model with its tokenizer (OUT/base-model); returns the splits
+    (`splits` replaces the recipe's conversations)."""
+    splits = splits or recipe_splits(n_eval, seed)
     assets.write_hub_layout(splits, out / "data")
     tok = assets.train_tokenizer(list(assets.texts_of(splits, role_names_per_row=True)), out / "base-model")
     assets.tiny_gpt2(len(tok), out / "base-model", seed=seed, **MODEL)
@@ -142,17 +159,18 @@ def build_assets(out: Path, n_eval: int = 200, seed: int = 0) -> dict[str, list[
 
 @quiet
 def run_quickstart(output_dir: str = "quickstart-out", max_steps: int | None = None, n_eval: int = 200,
-                   overwrite: bool = False, seed: int = 0) -> dict:
+                   overwrite: bool = False, seed: int = 0, splits: dict[str, list[dict]] | None = None) -> dict:
     check_max_steps(max_steps)  # before anything is built or moved
     from chattune.training.lock import RunLock
 
     out = Path(output_dir)
     with RunLock(out):  # held while the folder is prepared; run_train takes it again inside
         prepare_output_dir(out, overwrite)
-        return _build_train_score(out, max_steps, n_eval, seed)
+        return _build_train_score(out, max_steps, n_eval, seed, splits)
 
 
-def _build_train_score(out: Path, max_steps: int | None, n_eval: int, seed: int = 0) -> dict:
+def _build_train_score(out: Path, max_steps: int | None, n_eval: int, seed: int = 0, splits: dict | None = None
+                       ) -> dict:
     import torch
 
     from chattune.commands.train import run_train
@@ -161,7 +179,7 @@ def _build_train_score(out: Path, max_steps: int | None, n_eval: int, seed: int 
 
     started = time.perf_counter()
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart"}))
-    splits = build_assets(out, n_eval, seed)
+    splits = build_assets(out, n_eval, seed, splits)
     log.info(f"built {out / 'base-model'} (2-layer GPT-2, random init) and {out / 'data'} "
              f"({len(splits['train_gen'])} train / {len(splits['test_gen'])} held-out conversations)")
 
@@ -223,5 +241,50 @@ def _build_train_score_tools(out: Path, max_steps: int | None, n_eval: int) -> d
     result = run_train(cfg)
     after = task.score(load_model(str(out)), load_tokenizer(str(out)), held_out, n_eval)
     report = task.report(before, after, result, cfg.train.max_steps, time.perf_counter() - started)
+    (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+@quiet
+def run_dpo_quickstart(output_dir: str = "quickstart-dpo-out", max_steps: int | None = None,
+                       dpo_steps: int | None = None, seed: int = 0, overwrite: bool = False) -> dict:
+    """`--task dpo`: the quickstart on chat data that teaches the model to decline sums asked as commands (OUT/sft,
+    `max_steps`), then `chattune dpo` into OUT on pairs that prefer the right sum (OUT/prefs, `dpo_steps`);
+    held-out preference accuracy, exact match and declined replies before and after DPO (quickstart_dpo.py)."""
+    check_max_steps(max_steps)
+    check_max_steps(dpo_steps)
+    from chattune.training.lock import RunLock
+
+    out = Path(output_dir)
+    with RunLock(out):  # held while the folder is prepared; the sft and dpo runs take their own inside
+        prepare_output_dir(out, overwrite)
+        return _sft_then_dpo(out, max_steps, dpo_steps, seed)
+
+
+def _sft_then_dpo(out: Path, max_steps: int | None, dpo_steps: int | None, seed: int) -> dict:
+    from chattune.commands import quickstart_dpo as task
+    from chattune.commands.dpo import run_dpo
+    from chattune.demo import preferences
+    from chattune.model.hub import load_tokenizer
+    from chattune.model.load import load_model
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart --task dpo"}))
+    splits = preferences.hedge_splits(recipe_splits(seed=seed), seed=seed)
+    log.info("stage 1: supervised fine-tuning on chat data whose assistant declines sums asked as commands")
+    sft = run_quickstart(str(out / task.SFT_DIR), max_steps=max_steps, seed=seed, splits=splits)
+    preferences.write_preference_data(out / task.PREFS_DIR, n_train=task.N_TRAIN_PAIRS, seed=seed)
+
+    def scores(model_dir):
+        exact, results = score(load_model(str(model_dir)).eval(), load_tokenizer(str(model_dir)), splits["test_gen"])
+        return task.task_scores(exact, results), results
+
+    before, _ = scores(out / task.SFT_DIR)
+    log.info(f"after SFT: exact match {before['exact_match']:.1%}, declined {before['declined']:.1%}")
+    log.info("stage 2: DPO on pairs that prefer the right sum over a hedge")
+    result = run_dpo(task.dpo_quickstart_config(out, dpo_steps, seed))
+    after, samples = scores(out)
+    report = task.report(sft, before, after, samples, result, len(splits["test_gen"]), dpo_steps,
+                         time.perf_counter() - started, time.process_time() - cpu_started)
     (out / TASK_SCORE_FILE).write_text(json.dumps(report, indent=2))
     return report
