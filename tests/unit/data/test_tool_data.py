@@ -172,6 +172,7 @@ def test_glaive_trains_on_calls_with_its_tool_definitions_and_never_on_results(t
     assert all(res in text for res in results)
 
 
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
 def test_data_inspect_on_glaive_shows_the_definitions_in_the_prompt_and_marks_only_calls(capsys, model_dir):
     from chattune.cli import main
 
