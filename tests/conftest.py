@@ -28,6 +28,15 @@ LINES = [
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # what every CLI run in the tests gets: no network, fixed hashing, no tokenizer thread warnings
+# chat prompts the export tests render and run in both transformers and llama.cpp (system, multi-turn)
+EXPORT_CONVERSATIONS = [
+    [{"role": "user", "content": "What is 12 + 34?"}],
+    [{"role": "system", "content": "You are a careful calculator. Answer briefly."},
+     {"role": "user", "content": "Please add 57 and 38."}],
+    [{"role": "user", "content": "Add 23 and 41."}, {"role": "assistant", "content": "23 + 41 = 64."},
+     {"role": "user", "content": "Now add 90 and 11."}],
+]
+
 CLI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 

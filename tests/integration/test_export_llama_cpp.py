@@ -16,6 +16,8 @@ from chattune.artifacts.gguf_vocab import gguf_chat_template, llama_cpp_pretoken
 from chattune.demo import addition
 from chattune.demo.assets import texts_of, tiny_gpt2, train_tokenizer
 
+from conftest import EXPORT_CONVERSATIONS as CONVERSATIONS
+
 try:
     import llama_cpp
 except ImportError as err:  # compiled from source by pip: many machines lack it
@@ -25,13 +27,6 @@ else:
     MISSING = ""
 needs_llama = pytest.mark.skipif(llama_cpp is None, reason=MISSING)
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is 12 + 34?"}],
-    [{"role": "system", "content": "You are a careful calculator. Answer briefly."},
-     {"role": "user", "content": "Please add 57 and 38."}],
-    [{"role": "user", "content": "Add 23 and 41."}, {"role": "assistant", "content": "23 + 41 = 64."},
-     {"role": "user", "content": "Now add 90 and 11."}],
-]
 ODD_TEXTS = ["it's  12345 apples,\n\n  don't!\t(x)  ", "héllo wörld 3.14 — ok?", "   \n  leading space",
              "I'M HERE'S it'LL  \r\n\r\n x", "a1b22c333d4444 ,,, ...!!!"]
 DTYPES = ("f32", "f16", "q8_0")

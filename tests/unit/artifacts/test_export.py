@@ -24,13 +24,7 @@ from chattune.demo import addition
 from chattune.demo.assets import texts_of, tiny_gpt2, train_tokenizer
 from chattune.errors import ChattuneError
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is 12 + 34?"}],
-    [{"role": "system", "content": "You are a careful calculator. Answer briefly."},
-     {"role": "user", "content": "Please add 57 and 38."}],
-    [{"role": "user", "content": "Add 23 and 41."}, {"role": "assistant", "content": "23 + 41 = 64."},
-     {"role": "user", "content": "Now add 90 and 11."}],
-]
+from conftest import EXPORT_CONVERSATIONS as CONVERSATIONS
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,18 @@ def _submit(engine, convs, params=GREEDY) -> list[queue.Queue]:
     return qs
 
 
+def _second_request_while_the_first_is_held(engine) -> tuple[queue.Queue, queue.Queue]:
+    """A (30 tokens, no stop) starts and is held after its first token; B is submitted; then A is released."""
+    gate, qa = threading.Event(), queue.Queue()
+    params = SamplingParams(max_tokens=30, temperature=0, logit_bias=_no_stop(engine))
+    engine.submit(engine.encode_chat(CONVERSATIONS[0]), params, _held(qa, gate))
+    engine.start()
+    qa.get(timeout=60)
+    (qb,) = _submit(engine, CONVERSATIONS[1:2])
+    gate.set()
+    return qa, qb
+
+
 def test_greedy_alone_equals_generate_replies(engine, expected):
     engine.start()
     for conv, want in zip(CONVERSATIONS, expected):
@@ -116,13 +128,7 @@ def test_requests_joining_a_running_batch_keep_their_replies(engine, expected):
 def test_a_cache_that_cannot_be_joined_makes_new_requests_wait(engine, expected, monkeypatch):
     """The fallback for caches batch_cache does not handle: B waits for A's batch to end, then runs alone."""
     monkeypatch.setattr(batch_cache, "joinable", lambda cache: False)
-    gate, qa = threading.Event(), queue.Queue()
-    params = SamplingParams(max_tokens=30, temperature=0, logit_bias=_no_stop(engine))
-    engine.submit(engine.encode_chat(CONVERSATIONS[0]), params, _held(qa, gate))
-    engine.start()
-    qa.get(timeout=60)
-    (qb,) = _submit(engine, CONVERSATIONS[1:2])
-    gate.set()
+    qa, qb = _second_request_while_the_first_is_held(engine)
     assert _collect(qb) == expected[1] and _collect(qa)["tokens"] == 30
     assert (engine.stats["peak_batch"], engine.stats["joined"]) == (1, 0)
 
@@ -259,13 +265,7 @@ def test_a_failing_prefill_of_joining_requests_leaves_the_running_batch_alone(en
         return real(input_ids, *args)
 
     monkeypatch.setattr(engine, "_forward", fail_second_prefill)
-    gate, qa = threading.Event(), queue.Queue()
-    params = SamplingParams(max_tokens=30, temperature=0, logit_bias=_no_stop(engine))
-    engine.submit(engine.encode_chat(CONVERSATIONS[0]), params, _held(qa, gate))
-    engine.start()
-    qa.get(timeout=60)
-    (qb,) = _submit(engine, CONVERSATIONS[1:2])
-    gate.set()
+    qa, qb = _second_request_while_the_first_is_held(engine)
     assert qb.get(timeout=60).error == "generation failed: RuntimeError: boom"
     assert _collect(qa)["tokens"] == 30
 
