@@ -61,6 +61,12 @@ def local_path(name) -> bool:
     return isinstance(name, str) and bool(_LOCAL.search(name))
 
 
+def samples_in_report(model_dir: Path) -> tuple[int, str]:
+    """(number of conversations the run report quotes verbatim, 'held-out' or 'training')."""
+    report = model_dir / REPORT_FILE
+    return report_samples(report.read_text(encoding="utf-8", errors="replace")) if report.is_file() else (0, "")
+
+
 def adapter_base(model_dir: Path) -> str | None:
     """The base model an adapter directory names in adapter_config.json (None for a full model)."""
     if (model_dir / MODEL_CONFIG_FILE).is_file() or not (model_dir / ADAPTER_CONFIG_FILE).is_file():
@@ -99,9 +105,7 @@ def build_card(model_dir: Path, repo_id: str, samples: bool = True) -> str:
             if sources else "unknown")
     final, before = results.get("eval") or {}, results.get("baseline") or {}
     task = read_json(model_dir / TASK_SCORE_FILE)
-    report = model_dir / REPORT_FILE
-    n_samples, samples_from = report_samples(report.read_text(encoding="utf-8", errors="replace")) \
-        if report.is_file() else (0, "")
+    n_samples, samples_from = samples_in_report(model_dir)
     dpo = results.get("dpo")  # a `chattune dpo` run: preference pairs and preference metrics
     body = render("model_card.md.jinja", name=repo_id.split("/")[-1], base=_describe(base), data=data,
                   sources=sources, eval_split=d.get("eval_split"), dpo=dpo,
@@ -110,6 +114,7 @@ def build_card(model_dir: Path, repo_id: str, samples: bool = True) -> str:
                   else [], metrics=preference_rows(results) if dpo else metric_rows(final, before),
                   has_baseline=bool(before) or bool(dpo),
                   task=task if {"metric", "before", "after"} <= set(task) else None,
-                  has_report=report.is_file(), repo_id=repo_id, adapter=adapter, local_base=local_base,
+                  has_report=(model_dir / REPORT_FILE).is_file(), repo_id=repo_id, adapter=adapter,
+                  local_base=local_base,
                   n_samples=n_samples, samples_from=samples_from, samples_uploaded=samples)
     return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + body))

@@ -86,12 +86,19 @@ def _write(cfg, out: Path, tokenizer, train_split, eval_split) -> Path:
         device=results.get("device", "?"), precision=results.get("precision", "?"), dpo=results.get("dpo") or {},
         lr=cfg.train.lr, epochs=cfg.train.epochs, preference=results.get("preference"), rows=preference_rows(results),
         samples=samples, data_rows=[(k, v) for k, v in stats.items() if v], max_length=results.get("max_length"),
-        rejected=sum(1 for _ in open(out / REJECTED_FILE)) if (out / REJECTED_FILE).exists() else 0,
+        rejected=_count_lines(out / REJECTED_FILE),
         config_text=(out / CONFIG_FILE).read_text().rstrip() if (out / CONFIG_FILE).exists() else "")
     report = out / REPORT_FILE
     report.write_text(text)
     log.info(f"report: {report}")
     return report
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
 
 
 def write_dpo_card(out: Path) -> Path:

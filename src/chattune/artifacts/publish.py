@@ -19,7 +19,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from chattune.artifacts.card import build_card, hub_id, local_path, report_samples, training_sources
+from chattune.artifacts.card import build_card, hub_id, local_path, training_sources
 from chattune.config import read_saved
 from chattune.errors import ChattuneError
 from chattune.model.manifest import check_complete
@@ -176,12 +176,6 @@ def stage(model_dir: Path, dest: Path, repo_id: str, token: str | None = None, s
                 path.unlink(missing_ok=True)
         raise
     return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-
-
-def samples_in_report(model_dir: Path) -> tuple[int, str]:
-    """(number of conversations the run report quotes verbatim, 'held-out' or 'training')."""
-    report = model_dir / REPORT_FILE
-    return report_samples(report.read_text(encoding="utf-8", errors="replace")) if report.is_file() else (0, "")
 
 
 def _network_error(err: Exception) -> bool:

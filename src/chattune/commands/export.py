@@ -7,7 +7,6 @@ files and directory) is checked before the weights are loaded, each failure one 
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
@@ -75,7 +74,9 @@ def _model_config(path: Path):
 
     if not is_adapter_dir(path):
         return load_config(str(path))
-    base = json.loads((path / ADAPTER_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    from chattune.artifacts.card import adapter_base
+
+    base = adapter_base(path)
     if not base:
         raise ChattuneError(f"{path / ADAPTER_CONFIG_FILE} names no base model (base_model_name_or_path)")
     return load_config(base)

@@ -48,7 +48,8 @@ def run_push(model_dir: str, repo: str, private: bool = False, dry_run: bool = F
     from huggingface_hub import get_token
     from huggingface_hub.utils import validate_repo_id
 
-    from chattune.artifacts.publish import samples_in_report, stage, upload
+    from chattune.artifacts.card import samples_in_report
+    from chattune.artifacts.publish import stage, upload
 
     src = Path(model_dir)
     if not src.is_dir():

@@ -233,7 +233,7 @@ def _build_train_score_tools(out: Path, max_steps: int | None, n_eval: int) -> d
     started = time.perf_counter()
     (out / QUICKSTART_MARKER).write_text(json.dumps({"created_by": "chattune quickstart --task tools"}))
     held_out = task.build_assets(out, n_eval)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(compute_threads(torch.get_num_threads()))
     cfg = task.tool_config(out, max_steps)
     base, base_tok, _ = load_prepared_base(str(out / "base-model"), cfg.train.seed)
     before = task.score(base, base_tok, held_out, n_eval)

@@ -35,13 +35,16 @@ def tokenizer_digest(tokenizer) -> str:
     return h.hexdigest()
 
 
+FILE_HASH = "xxh3_128"  # file_digest's algorithm, recorded in manifests so that a later change can read older ones
+
+
 def file_digest(path, block: int = 1 << 23) -> str:
     """xxh3-128 of a file's bytes, read 8 MiB at a time. It checks that cached rows are the bytes that were
     written, not that nobody forged them; xxhash comes with datasets and hashes at memory speed, where
-    sha256 would add seconds per GB to every cache hit (bench/cache_checksum.py measures both)."""
+    sha256 would add seconds per GB to every cache hit (bench/integrity.py measures both)."""
     import xxhash
 
-    h = xxhash.xxh3_128()
+    h = getattr(xxhash, FILE_HASH)()
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)

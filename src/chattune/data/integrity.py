@@ -92,7 +92,7 @@ def remove_stale(root: Path) -> list[Path]:
         return []
     removed, host, now = [], socket.gethostname(), time.time()
     for d in root.iterdir():
-        if not (d.name.startswith(".") and d.is_dir()):
+        if not (d.name.startswith(".tmp-") and d.is_dir()):  # only our own: the root may hold .git, .venv ...
             continue
         m = _TEMP.fullmatch(d.name)
         try:

@@ -64,7 +64,7 @@ class _LinearLogProbs(torch.autograd.Function):
             # the mean logit is linear in h: h . mean(W) + mean(b), no pass over the vocabulary
             mean_logits = None
             if with_stats:
-                mean_logits = hidden.float() @ weight.float().mean(0)
+                mean_logits = hidden.float() @ weight.mean(0, dtype=torch.float32)
                 if bias is not None:
                     mean_logits += bias.float().mean()
         ctx.save_for_backward(hidden, weight, bias, targets, log_z)
@@ -123,11 +123,6 @@ def token_logprobs(hidden, weight, bias, targets, with_stats: bool = False, chun
     return _LinearLogProbs.apply(hidden, weight, bias, targets, max(1, rows), dtype, with_stats)
 
 
-def logprob_head_supported(model) -> bool:
-    """The same condition as the SFT head: a plain linear head at temperature 1."""
-    return fast_loss_supported(model)
-
-
 def install_logprob_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
     """Let `model(..., labels=labels, fused_lm_head=True)` return a FusedCausalLMOutput whose `log_probs`
     (batch, length - 1) hold each label token's log-probability (0 where the label is -100), computed on those
@@ -182,7 +177,7 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask) -> torc
     (installed here on a model that has none and supports it), else from full logits."""
     labels = input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
     base = _unwrap(model)
-    if not hasattr(base, "_chattune_unpatched_forward") and logprob_head_supported(model):
+    if not hasattr(base, "_chattune_unpatched_forward") and fast_loss_supported(model):  # the SFT head's condition
         install_logprob_head(base)
     if hasattr(base, "_chattune_unpatched_forward"):
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)

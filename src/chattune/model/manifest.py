@@ -13,11 +13,11 @@ import json
 import os
 from pathlib import Path
 
+from chattune.data.digest import FILE_HASH as HASH
 from chattune.data.digest import file_digest
 from chattune.errors import ChattuneError
 from chattune.outputs import CHECKPOINT_PREFIX, FINAL_STAGING, MODEL_MANIFEST
 
-HASH = "xxh3_128"  # recorded in each manifest, so that a later change of hash can still read older ones
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a final model's files whose size and checksum are checked
 
 

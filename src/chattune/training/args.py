@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
+from chattune.model.load import pick_device
 from chattune.training import early_stop
 from chattune.training.tracking import report_to_list, run_name
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cuda_kwargs(t) -> dict:
@@ -74,7 +69,7 @@ def trainer_kwargs(cfg, precision: str, has_eval: bool, use_cpu: bool) -> dict:
         # every parameter gets a gradient each step; searching for unused ones costs a graph walk
         ddp_find_unused_parameters=False,
     )
-    kwargs.update(cuda_kwargs(t) if not use_cpu and _cuda() else {})
+    kwargs.update(cuda_kwargs(t) if not use_cpu and pick_device() == "cuda" else {})
     # the best checkpoint by evaluation loss (early stopping, --load-best): a save at every evaluation
     kwargs.update(early_stop.trainer_kwargs(cfg, has_eval))
     return kwargs

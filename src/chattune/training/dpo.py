@@ -28,7 +28,8 @@ from trl import DPOTrainer
 
 from chattune.data.preferences import TOKEN_COLUMNS
 from chattune.model.load import pick_device
-from chattune.model.logprobs import install_logprob_head, logprob_head_supported
+from chattune.model.logprobs import install_logprob_head
+from chattune.model.loss import fast_loss_supported
 from chattune.model.speed import prepare_for_training
 from chattune.training.checkpoints import AtomicCheckpoints
 from chattune.training.interrupts import GuardedSteps
@@ -79,7 +80,7 @@ class ChattuneDPOTrainer(GuardedSteps, LengthGroupedSampling, ThroughputLog, Ato
         if ref_model is None and not lora and not args.precompute_ref_log_probs:
             ref_model = frozen_copy(model)
         # WPO weighting needs log(sum p^2), which only TRL's head computes
-        self.fast_head = logprob_head_supported(model) and not args.use_weighting
+        self.fast_head = fast_loss_supported(model) and not args.use_weighting
         with chattune_head_in_trl() if self.fast_head else contextlib.nullcontext():
             super().__init__(model, ref_model=ref_model, args=args, **kwargs)
         if is_peft(self.model) and "ref" in self.model.peft_config:

@@ -102,7 +102,9 @@ def check_output_dir(cfg) -> list[Path]:
         return []
     inputs = {p.relative_to(out).parts[0] for p in _local_inputs(cfg) if p != out and _inside(p, out)}
     entries = sorted(p for p in out.iterdir() if p.name not in inputs | {LOCK_FILE, QUICKSTART_MARKER})
-    if not entries or {p.name for p in entries} <= BOOKKEEPING:
+    names = {p.name for p in entries}
+    # runs/ is a common name: it is a failed attempt's only when that attempt's own files are there too
+    if not entries or (names <= BOOKKEEPING and (TENSORBOARD_DIR not in names or names - {TENSORBOARD_DIR})):
         return []
     if t.resume not in (False, None):
         return []  # resolve_resume finds the checkpoint, or says there is none

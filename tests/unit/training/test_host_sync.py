@@ -243,7 +243,7 @@ def test_cuda_only_settings_leave_a_cpu_run_unchanged(monkeypatch, tmp_path):
     assert cpu.optim == TrainingArguments(output_dir=str(tmp_path)).optim  # transformers' default, whatever it is
     assert cpu.dataloader_num_workers == 0 and not cpu.dataloader_pin_memory
     assert not cpu.accelerator_config.non_blocking
-    monkeypatch.setattr(targs, "_cuda", lambda: True)
+    monkeypatch.setattr(targs, "pick_device", lambda: "cuda")
     cuda = targs.sft_args(cfg, "fp32", False, use_cpu=False)
     assert cuda.optim.value == "adamw_torch_fused" and cuda.accelerator_config.non_blocking
     assert cuda.dataloader_pin_memory and cuda.dataloader_num_workers == targs.CUDA_WORKERS

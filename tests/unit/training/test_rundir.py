@@ -58,6 +58,15 @@ def test_an_unrelated_non_empty_directory_is_not_written_over(model_dir, ultrach
     assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
 
 
+def test_a_directory_holding_only_someone_elses_runs_folder_is_not_written_over(model_dir, ultrachat_dir, tmp_path):
+    out = tmp_path / "experiments"
+    (out / "runs").mkdir(parents=True)  # another tool's TensorBoard runs, no chattune file beside them
+    (out / "runs" / "events.out").write_bytes(b"x")
+    with pytest.raises(ChattuneError, match="not empty and not a chattune run .*runs"):
+        run_train(small_run(model_dir, ultrachat_dir, out))
+    assert sorted(p.name for p in out.iterdir()) == ["runs"]
+
+
 def test_the_base_models_own_directory_is_refused_even_with_overwrite(model_dir, ultrachat_dir, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(model_dir, base)
