@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from chattune.inference import batch_cache
 from chattune.inference.decoding import Detokenizer, SamplingParams, bias_tensors, row_generator, sample_next
-from chattune.inference.generate import stop_token_ids
+from chattune.inference.generate import prompt_ids, stop_token_ids
 from chattune.model.load import context_length
 
 log = logging.getLogger("chattune")
@@ -142,10 +142,9 @@ class Engine:
         and the assistant header, exactly as `chattune chat` and `generate_replies` render it; `reply_start`: text
         the reply is made to begin with (its tokens follow the header)."""
         with self._tok_lock:
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True, **({"tools": tools} if tools else {}))
+            ids = prompt_ids(self.tokenizer, [messages], [tools] if tools else None)[0]
             start = self.tokenizer(reply_start, add_special_tokens=False)["input_ids"] if reply_start else []
-        return list(enc["input_ids"]) + list(start)
+        return ids + list(start)
 
     def token_id(self, text: str) -> int | None:
         """The id of `text` when the tokenizer has it as one token, else None."""
