@@ -14,6 +14,7 @@ from chattune.config.schema import (
     DatasetEntry,
     TrainConfig,
     fields_of,
+    report_to_list,
 )
 from chattune.config.values import _coerce
 from chattune.errors import ConfigError
@@ -91,7 +92,7 @@ def _check_dpo(cfg: Config) -> None:
 
 
 def _check_tracking_and_stopping(t: TrainConfig) -> None:
-    unknown = [n for n in t.report_to.lower().replace(" ", "").split(",") if n not in (*TRACKERS, "none", "")]
+    unknown = [n for n in report_to_list(t.report_to) if n not in TRACKERS]
     if unknown:
         raise ConfigError(f"train.report_to: unknown tracker {unknown[0]!r}; give none or one or more of "
                           f"{', '.join(TRACKERS)} separated by commas")

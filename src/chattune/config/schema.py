@@ -20,6 +20,12 @@ FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to: transformers' integrations chattune offers
 
 
+def report_to_list(value: str | None) -> list[str]:
+    """'none', one tracker, or a comma list -> the tracker names, each once (an empty list for none)."""
+    names = [n.strip().lower() for n in (value or "").split(",")]
+    return list(dict.fromkeys(n for n in names if n and n != "none"))
+
+
 def opt(default: Any = None, help: str = "", flag: str | None = None, choices: tuple | None = None, **kw):
     """A config field; `flag` makes it a command-line option too (same name, same parsing)."""
     meta = {"help": help, "flag": flag, "choices": choices}

@@ -131,6 +131,7 @@ def is_causal_lm(model) -> bool:
 
 def prepare_for_training(model, device: str) -> dict:
     """Apply the speed-ups that pay on `device`; returns what was done, for the run log."""
+    cache_library_probes()
     done = {"fused_gelu_modules": fuse_activations(model)}
     if device == "cuda":
         # fp32 parts (layer norms, the loss) use TF32 tensor cores; bf16 autocast does the rest

@@ -15,6 +15,7 @@ import importlib.util
 import time
 from pathlib import Path
 
+from chattune.config.schema import report_to_list
 from chattune.errors import ChattuneError
 
 # --report-to name (config.TRACKERS) -> (modules transformers' integration can use, the package to install)
@@ -24,12 +25,6 @@ PACKAGES = {
     "mlflow": (("mlflow",), "mlflow"),
     "trackio": (("trackio",), "trackio"),
 }
-
-
-def report_to_list(value: str | None) -> list[str]:
-    """'none', one tracker, or a comma list -> the tracker names, each once (an empty list for none)."""
-    names = [n.strip().lower() for n in (value or "").split(",")]
-    return list(dict.fromkeys(n for n in names if n and n != "none"))
 
 
 def check_installed(value: str | None) -> None:

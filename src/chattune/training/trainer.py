@@ -19,7 +19,6 @@ from chattune.data.collate import HOST_KEYS
 from chattune.model.load import pick_device
 from chattune.model.loss import fast_loss_supported, full_logits_loss_sum, install_selective_head
 from chattune.model.speed import (
-    cache_library_probes,
     install_unpacked_shortcuts,
     is_causal_lm,
     loss_inputs,
@@ -46,7 +45,6 @@ class ChattuneTrainer(GuardedSteps, LengthGroupedSampling, ThroughputLog, Atomic
         self.speedups = prepare_for_training(model, pick_device())
         self.causal = is_causal_lm(model)
         self._nonembedding_params = None
-        cache_library_probes()
         install_unpacked_shortcuts()
         super().__init__(*args, **kwargs)
         # count loss tokens over the whole accumulated step, so every token weighs the same; the Trainer
