@@ -213,9 +213,10 @@ def upload(src: Path, repo: str, private: bool, token: str | None, samples: bool
         files = stage(src, folder, repo, token, samples)
         try:
             url = api.create_repo(repo, private=private or None, exist_ok=True)
-            if url.repo_id != repo:  # NAME became OWNER/NAME: the card's code names the full id
-                shutil.rmtree(folder)
-                files = stage(src, folder, url.repo_id, token, samples)
+            if url.repo_id != repo:  # NAME became OWNER/NAME: only the card changes (its code names the full id)
+                card = build_card(src, url.repo_id, samples=samples)
+                _check_no_secret(src, [], {"README.md": card}, token)
+                (folder / "README.md").write_text(card)
             api.upload_folder(repo_id=url.repo_id, folder_path=str(folder),
                               commit_message="Upload model trained with chattune")
         except ChattuneError:

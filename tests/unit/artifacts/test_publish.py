@@ -4,6 +4,7 @@ secret in any file; without a token or a network, one clear line and a non-zero 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import yaml
 
@@ -99,3 +100,32 @@ def test_card_of_a_mixed_run_names_every_source_and_keeps_local_paths_home(tmp_p
     assert "`my-chats` (a local data set) (split `train`)" in card
     assert "None" not in card and str(tmp_path) not in card
     assert (str(local), "my-chats") in _path_replacements(run)
+
+
+def test_a_name_the_hub_completes_to_owner_name_gets_a_card_naming_the_full_id(trained_dir, monkeypatch):
+    """The hub is out of reach here: this double of HfApi stands for it and keeps what would be uploaded."""
+    import huggingface_hub
+
+    from chattune.artifacts.publish import upload
+
+    sent = {}
+
+    class Repo:
+        repo_id = "someone/tiny-chat"
+
+        def __str__(self):
+            return "https://huggingface.co/someone/tiny-chat"
+
+    class Api:
+        def create_repo(self, repo, private=None, exist_ok=False):
+            return Repo()
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            root = Path(folder_path)
+            sent.update(repo_id=repo_id, card=(root / "README.md").read_text(),
+                        files=sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    result = upload(Path(trained_dir), "tiny-chat", private=False, token=None)
+    assert sent["repo_id"] == "someone/tiny-chat" and result["files"] == sent["files"]
+    assert "someone/tiny-chat" in sent["card"] and "model.safetensors" in sent["files"]
