@@ -24,6 +24,7 @@ from chattune.outputs import IGNORE_INDEX
 CHECKSUM_FILE = "checksums.json"
 STALE_AFTER_S = 6 * 3600  # a temporary folder this old is no live preparation (saving takes minutes)
 _TEMP = re.compile(r"\.tmp-(\d+)-(.+)-[a-z0-9_]+")
+_OLD_TEMP = re.compile(r"\.[0-9a-f]+-[A-Za-z0-9_]+")  # an older chattune's: .ENTRY-KEY-RANDOM
 
 
 def _files(entry: Path) -> list[str]:
@@ -92,8 +93,8 @@ def remove_stale(root: Path) -> list[Path]:
         return []
     removed, host, now = [], socket.gethostname(), time.time()
     for d in root.iterdir():
-        if not (d.name.startswith(".tmp-") and d.is_dir()):  # only our own: the root may hold .git, .venv ...
-            continue
+        if not ((_TEMP.fullmatch(d.name) or _OLD_TEMP.fullmatch(d.name)) and d.is_dir()):
+            continue  # only chattune's own: the root may also hold .git, .venv ...
         m = _TEMP.fullmatch(d.name)
         try:
             old = now - d.stat().st_mtime > STALE_AFTER_S
